@@ -1,0 +1,1 @@
+"""One thin module per CLI subcommand: parse, call the library, print. Nothing imports this package."""
