@@ -14,6 +14,7 @@ from mixq.core.errors import MixqError
 
 # subcommand -> module under mixq.commands; each has add_arguments(parser) and run(args) -> int
 COMMANDS = {
+    "convert": "Measure sensitivity, allocate formats under a bits-per-weight budget, write and verify",
     "inspect": "Show a model's layers, kinds, cache slots and quantizable tensors",
 }
 

@@ -34,6 +34,7 @@ class TensorInfo:
     quantizable: bool
     reason: str | None     # why it stays float, when not quantizable
     current: dict | None = None  # existing quantization: bits, group_size, mode
+    float_by_rule: bool = False  # a hard rule (mixq.core.rules) keeps it float at every group size
 
 
 @dataclass
@@ -179,13 +180,14 @@ def _tensor_infos(model, group_size: int) -> list[TensorInfo]:
         for s in shape:
             params *= s
         reason = float_reason(path, module, module_path, param, len(shape))
+        by_rule = reason is not None
         if reason is None and current is None and shape[-1] % group_size:
             reason = f"input width {shape[-1]} not divisible by group size {group_size}"
         m = LAYER_RE.search(path)
         out.append(TensorInfo(
             path=path, module=module_path, module_type=type(module).__name__,
             layer=int(m.group(1)) if m else None, shape=shape, params=params, dtype=str(arr.dtype).split(".")[-1],
-            quantizable=reason is None, reason=reason, current=current,
+            quantizable=reason is None, reason=reason, current=current, float_by_rule=by_rule,
         ))
     return out
 

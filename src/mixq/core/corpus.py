@@ -27,9 +27,11 @@ class CorpusFile:
 
 def find_corpus_dir(explicit: str | os.PathLike | None = None) -> Path:
     """An explicit dir, else $MIXQ_CORPUS, else a `shared/corpus` beside the working tree."""
-    candidates = []
     if explicit:
-        candidates.append(Path(explicit))
+        if Path(explicit).is_dir() and any(Path(explicit).glob("*.txt")):
+            return Path(explicit)
+        raise MixqError(f"{explicit}: not a directory of .txt files")
+    candidates = []
     if os.environ.get("MIXQ_CORPUS"):
         candidates.append(Path(os.environ["MIXQ_CORPUS"]))
     here = Path(__file__).resolve()
@@ -39,8 +41,6 @@ def find_corpus_dir(explicit: str | os.PathLike | None = None) -> Path:
     for c in candidates:
         if c.is_dir() and any(c.glob("*.txt")):
             return c
-    if explicit:
-        raise MixqError(f"{explicit}: not a directory of .txt files")
     raise MixqError("no corpus directory found: pass one or set MIXQ_CORPUS")
 
 

@@ -149,7 +149,9 @@ class LoadedModel:
     config: dict
     path: Path
     name: str
-    extra: dict = field(default_factory=dict)
+    # dtype of every parameter as stored on disk (before the float32 compute cast): what a written
+    # model keeps for float tensors and what affine scales/biases inherit
+    source_dtypes: dict = field(default_factory=dict)
 
 
 def cast_floats(model, dtype) -> None:
@@ -173,6 +175,35 @@ def load(name: str | os.PathLike, *, compute_dtype: str | None = "float32", lazy
         model, tokenizer, config = lm_load(path_or_hf_repo=str(path), lazy=lazy, return_config=True)
     except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         raise MixqError(f"{path}: mlx-lm could not load this model: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    from mlx.utils import tree_flatten
+
+    source = {k: str(v.dtype).rsplit(".", 1)[-1] for k, v in tree_flatten(model.parameters())}
     if compute_dtype is not None:
         cast_floats(model, getattr(mx, compute_dtype))
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, name=str(name))
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, name=str(name),
+                       source_dtypes=source)
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over config.json and every weight file's safetensors header and size (cheap, content-bound)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.glob("model*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            h.update(f.name.encode())
+            h.update(fh.read(n))
+        h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def check_finite(model) -> None:
+    """NaN/Inf anywhere in the floating weights is a broken model: refuse it by name."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    for k, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating) and not mx.isfinite(v).all().item():
+            raise MixqError(f"weight {k} contains NaN or Inf")

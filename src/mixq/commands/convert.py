@@ -1,0 +1,60 @@
+"""`mixq convert [MODEL] -o OUT --target-bpw B`: measured mixed-precision quantization, verified."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from mixq.quant.convert import ConvertOptions, convert
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", nargs="?", default="demo",
+                   help="local model directory, hub id, or demo / demo-moe (default: demo)")
+    p.add_argument("-o", "--out", help="output directory (default: <model>-mixq-<bpw>bpw)")
+    p.add_argument("--target-bpw", type=float, default=4.5,
+                   help="hard ceiling on bits per weight, mlx-lm's definition (default 4.5)")
+    p.add_argument("--candidates", help="formats to choose from, e.g. 3:32,4:64,6:64,mxfp4 "
+                                        "(BITS:GROUP affine, mxfp4, nvfp4, mxfp8, float)")
+    p.add_argument("--calibration", help="calibration text: .jsonl ({text} or {messages}) or .txt "
+                                         "(default: the built-in mix)")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sensitivity", help="reuse a sensitivity.json measured with the same settings")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _table(report: dict) -> str:
+    lines = [f"{'quant':<14} {'bpw':>6} {'MB':>7} {'KL mean':>9} {'KL p99':>9} {'top-1':>7} {'ppl':>8}"]
+    for r in report["comparison"]:
+        lines.append(f"{r['name']:<14} {r['bpw']:>6.3f} {r['bytes'] / 1e6:>7.2f} {r['kl_mean']:>9.5f} "
+                     f"{r['kl_p99']:>9.5f} {r['top1']:>7.3f} {r['ppl']:>8.3f}")
+    lines.append(f"{'float':<14} {'':>6} {'':>7} {'':>9} {'':>9} {'':>7} {report['comparison'][0]['float_ppl']:>8.3f}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    opts = ConvertOptions(
+        model=args.model, out=args.out, target_bpw=args.target_bpw, candidates=args.candidates,
+        calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        sensitivity=args.sensitivity, force=args.force, progress=not (args.quiet or args.json),
+        command=["mixq", "convert", *sys.argv[2:]] if sys.argv[1:2] == ["convert"] else [],
+    )
+    report = convert(opts)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    plan, cost = report["plan"], report["sensitivity_cost"]
+    print(f"wrote {report['out']}  ({plan['achieved_bpw']:.4f} bpw, target {plan['target_bpw']}; "
+          f"verified with mlx_lm.load: {report['verify']['modules_checked']} modules)")
+    print(f"sensitivity: {cost['measurements']} measurements, {cost['block_forwards']} block-forwards "
+          f"(naive sweep {cost['naive_block_forwards']}), {cost['seconds']} s")
+    print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, measured {plan['measured_kl_calibration']:.5f}"
+          + ("  [refined: " + report["refinement"]["reason"] + "]" if report["refinement"]["applied"] else ""))
+    print()
+    print("held-out text, against the float model:")
+    print(_table(report))
+    return 0

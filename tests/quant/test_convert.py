@@ -1,0 +1,148 @@
+"""convert end to end on a fixture: exact size accounting, verification, resume, refusals, determinism."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.utils import compute_bits_per_weight
+
+from mixq.core.anatomy import describe
+from mixq.core.errors import MixqError
+from mixq.core.formats import Format, parse_candidates
+from mixq.core.modelio import load
+from mixq.quant.apply import verify
+from mixq.quant.convert import ConvertOptions, convert
+from mixq.quant.plan import plan_bytes, recipe_formats, uniform_formats
+from mixq.quant.sensitivity import load_sensitivity, measure
+
+SMALL = dict(samples=4, seq_len=32, heldout_samples=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def converted(nemotron_moe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "q"
+    report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5, **SMALL))
+    return out, report
+
+
+def test_written_model_matches_plan_and_budget(converted):
+    out, report = converted
+    plan = json.loads((out / "mixq" / "plan.json").read_text())
+    assert plan["achieved_bpw"] <= 4.5
+    assert report["verify"]["ok"] and report["verify"]["bpw"] == pytest.approx(plan["achieved_bpw"], rel=1e-12)
+    # MoE experts and shared experts are allocated like every other tensor
+    assert "backbone.layers.4.mixer.switch_mlp.fc1.weight" in plan["tensors"]
+    assert "backbone.layers.4.mixer.shared_experts.down_proj.weight" in plan["tensors"]
+    assert "backbone.layers.4.mixer.gate.weight" not in plan["tensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"] == cfg["quantization_config"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file()
+    assert plan["versions"]["mlx-lm"] and plan["calibration"]["sha256"]
+
+
+@pytest.mark.parametrize("spec", ["4:64", "3:32", "mxfp4", "nvfp4", "mxfp8", "8:128", "mixed_4_6"])
+def test_bpw_accounting_equals_mlx_lm(nemotron_moe, spec):
+    lm = load(nemotron_moe, compute_dtype=None)
+    a = describe(lm.model, lm.config)
+    fmts = recipe_formats(a, lm.model, spec) if spec.startswith("mixed") else uniform_formats(a, Format.parse(spec))[0]
+    predicted = plan_bytes(a, lm.source_dtypes, fmts) * 8 / a.mlx_lm_params
+    modules = {t.module: fmts[t.path] for t in a.tensors if t.path in fmts}
+    nn.quantize(lm.model, class_predicate=lambda p, m: modules[p].quant_kwargs()
+                if p in modules and modules[p].is_quantized else False)
+    assert predicted == pytest.approx(compute_bits_per_weight(lm.model), rel=1e-12)
+
+
+def test_verify_catches_tampered_config(converted, tmp_path):
+    out, _ = converted
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    plan = json.loads((bad / "mixq" / "plan.json").read_text())
+    cfg = json.loads((bad / "config.json").read_text())
+    module = next(k for k, v in cfg["quantization"].items() if isinstance(v, dict) and v.get("mode") == "affine")
+    # a config that claims another group size for one module: loads with wrong shapes or wrong format
+    cfg["quantization"][module] = {**cfg["quantization"][module], "group_size": 32 if cfg["quantization"][module]["group_size"] != 32 else 64}
+    cfg["quantization_config"] = cfg["quantization"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MixqError, match="verification failed"):
+        verify(bad, plan)
+    # a plan that disagrees with an untouched model is caught too
+    plan2 = json.loads((out / "mixq" / "plan.json").read_text())
+    path = next(iter(plan2["tensors"]))
+    plan2["tensors"][path]["format"] = "8:64" if plan2["tensors"][path]["format"] != "8:64" else "2:64"
+    with pytest.raises(MixqError, match="planned"):
+        verify(out, plan2)
+
+
+def test_sensitivity_resume_and_key(nemotron_moe, tmp_path):
+    lm = load(nemotron_moe)
+    a = describe(lm.model, lm.config)
+    mx.random.seed(1)
+    toks = mx.random.randint(1, 500, (4, 32)).astype(mx.int32)
+    cands = parse_candidates("2:64,4:64,float")
+    partial = tmp_path / "p.jsonl"
+    full = measure(lm.model, a, toks, cands, key={"k": 1}, partial=partial, progress=False)
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join(lines[:4]) + "\n")  # as if interrupted after 3 tensors
+    resumed = measure(lm.model, a, toks, cands, key={"k": 1}, partial=partial, progress=False)
+    assert resumed["cost"]["resumed_tensors"] == 3
+    assert resumed["tensors"] == full["tensors"]
+    assert resumed["cost"]["measurements"] == full["cost"]["measurements"] - 3 * 2
+    # a partial file from other settings is not reused
+    other = measure(lm.model, a, toks, cands, key={"k": 2}, partial=partial, progress=False)
+    assert other["cost"]["resumed_tensors"] == 0
+    # cheaper than a naive full-forward sweep, and counted
+    assert full["cost"]["block_forwards"] < full["cost"]["naive_block_forwards"]
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(full))
+    assert load_sensitivity(f, {"k": 1})["tensors"] == full["tensors"]
+    with pytest.raises(MixqError, match="different settings"):
+        load_sensitivity(f, {"k": 3})
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mixq", "convert", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_refusals_leave_nothing(nemotron_moe, converted, tmp_path):
+    out, _ = converted
+    small = ["--samples", "4", "--seq-len", "32", "--quiet"]
+    r = _cli(str(nemotron_moe), "-o", str(out), *small)
+    assert r.returncode == 2 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "x"), "--target-bpw", "1.0", *small)
+    assert r.returncode == 2 and "infeasible" in r.stderr and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["x.mixq-work"]
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "y"), "--sensitivity", str(out / "mixq" / "sensitivity.json"),
+             "--samples", "5", "--seq-len", "32", "--quiet")
+    assert r.returncode == 2 and "different settings" in r.stderr and not (tmp_path / "y").exists()
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "z"), "--candidates", "7:64", *small)
+    assert r.returncode == 2 and "bits" in r.stderr
+
+
+def test_nan_weights_refused(nemotron_dense, tmp_path):
+    bad = tmp_path / "nan"
+    shutil.copytree(nemotron_dense, bad)
+    w = mx.load(str(bad / "model.safetensors"))
+    k = "backbone.layers.1.mixer.q_proj.weight"
+    w[k] = mx.where(mx.arange(w[k].size).reshape(w[k].shape) == 5, mx.array(float("nan"), w[k].dtype), w[k])
+    mx.save_safetensors(str(bad / "model.safetensors"), w, metadata={"format": "mlx"})
+    r = _cli(str(bad), "-o", str(tmp_path / "o"), "--samples", "2", "--seq-len", "16", "--quiet")
+    assert r.returncode == 2 and "NaN" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_sensitivity_reuse_and_determinism(nemotron_moe, converted, tmp_path):
+    out, _ = converted
+    sens = out / "mixq" / "sensitivity.json"
+    again = tmp_path / "again"
+    opts = dict(model=str(nemotron_moe), out=str(again), target_bpw=4.5, **SMALL)
+    convert(ConvertOptions(sensitivity=str(sens), **opts))
+    first_plan = (again / "mixq" / "plan.json").read_bytes()
+    first_weights = (again / "model.safetensors").read_bytes()
+    convert(ConvertOptions(force=True, **opts))  # measured afresh this time
+    assert (again / "mixq" / "plan.json").read_bytes() == first_plan
+    assert (again / "model.safetensors").read_bytes() == first_weights
