@@ -53,7 +53,8 @@ class Format:
             if self.bits not in AFFINE_BITS:
                 raise MixqError(f"affine bits must be one of {_join(AFFINE_BITS)}, got {self.bits}")
             if self.group_size not in AFFINE_GROUPS:
-                raise MixqError(f"affine group size must be one of {_join(AFFINE_GROUPS)}, got {self.group_size}")
+                raise MixqError(f"affine group size must be one of {_join(AFFINE_GROUPS)}, "
+                                f"got {self.group_size}")
         elif self.mode in MICROSCALED:
             bits, group, _ = MICROSCALED[self.mode]
             # Allow Format("mxfp4") as a shorthand; anything else must be mlx's one valid pair.

@@ -13,13 +13,15 @@ cost), exactly one option per item, total bytes <= budget, minimise total cost. 
 3. Reduced-cost fixing: any feasible x costs at least L(lambda) + sum_i rc_i(x_i), where
    rc_ij = c_ij + lambda b_ij - min_k (c_ik + lambda b_ik) >= 0. So an option with rc_ij > UB - LB is
    never in an optimal solution. Usually almost every item is left with a single option.
-4. The few "free" items left are solved by a dynamic program over Pareto-optimal (bytes, cost) states,
-   pruning states whose Lagrangian completion bound exceeds the incumbent. This is exact (up to a 1e-9
-   relative float tolerance). If the state list ever exceeds `max_states`, it keeps the most promising
-   ones (beam) and the result says exact=False; `gap` then bounds how far from optimal it can be.
+4. The few "free" items left are solved by a numpy dynamic program over Pareto-optimal (bytes, cost)
+   states, pruning states whose Lagrangian completion bound exceeds the incumbent. This is exact (to a
+   1e-9 relative float tolerance). Only contrived inputs (hundreds of near-identical items with
+   incommensurate byte sizes) grow the state list past `max_states` (or `max_candidates` expansions
+   per item); then it keeps the most promising states (a beam), finishes in about a second for 500
+   items, and says exact=False. `gap` always bounds how far from optimal the answer can be.
 
-Ties are broken deterministically: among equal (bytes, cost) options the first listed wins, and among
-equally cheap solutions the smaller one wins, then the first found in item order.
+Deterministic: the same input gives the same answer. Among options with equal bytes and cost the first
+listed wins; among solutions of equal cost the one with fewer bytes wins.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 from mixq.core.errors import MixqError
 
@@ -132,7 +136,8 @@ def allocate(
     budget_bytes: int,
     *,
     fixed_bytes: int = 0,
-    max_states: int = 200_000,
+    max_states: int = 20_000,
+    max_candidates: int = 40_000,
 ) -> Allocation:
     """Choose one option per item minimising total cost with item bytes + fixed_bytes <= budget_bytes.
 
@@ -153,7 +158,7 @@ def allocate(
     scale = sum(max(abs(c) for _, c, _ in f) for f in fronts) or 1.0
     tol = 1e-9 * scale
 
-    # -- LP relaxation by greedy over hull segments; the critical segment's slope is lambda.
+    # -- LP relaxation by greedy over hull segments (best cost saved per byte first).
     hulls = [_lower_hull([(b, c) for b, c, _ in f]) for f in fronts]
     segs = []
     for i, h in enumerate(hulls):
@@ -163,7 +168,7 @@ def allocate(
     segs.sort(key=lambda s: (-s[0], s[1], s[2]))
     pos = [0] * len(fronts)  # current hull vertex per item (greedy incumbent)
     slack = cap - min_bytes
-    lam, critical, blocked = 0.0, None, set()
+    lam, critical, blocked = 0.0, False, set()
     for eff, i, k, db in segs:
         if i in blocked:
             continue
@@ -171,10 +176,16 @@ def allocate(
             pos[i] = k + 1
             slack -= db
         else:
-            if critical is None:
-                critical, lam = (i, k), eff
+            if not critical:  # the first segment that does not fit sets lambda
+                critical, lam = True, eff
             blocked.add(i)
-    greedy = [fronts[i][hulls[i][pos[i]]] for i in range(len(fronts))]
+    # Spend what slack is left on the cheapest option that still fits, hull vertex or not.
+    greedy = []
+    for i, f in enumerate(fronts):
+        cur = f[hulls[i][pos[i]]]
+        best = max((o for o in f if o[0] - cur[0] <= slack), key=lambda o: o[0])
+        slack -= best[0] - cur[0]
+        greedy.append(best)
     ub = sum(c for _, c, _ in greedy)
     incumbent = [g[2] for g in greedy]
 
@@ -192,11 +203,11 @@ def allocate(
         else:
             free.append((i, keep))
 
-    exact, peak, truncated = True, 1, False
+    peak, truncated = 1, False
     if free and ub - lower > tol:
         cap_free = cap - sum(b for b, _, _ in fixed_choice.values())
         base_cost = sum(c for _, c, _ in fixed_choice.values())
-        best = _dp(free, cap_free, lam, ub - base_cost, tol, max_states)
+        best = _dp(free, cap_free, lam, ub - base_cost, tol, max_states, max_candidates)
         if best is not None:
             picks, dp_cost, peak, truncated = best
             dp_bytes = sum(b for b, _, _ in fixed_choice.values()) + sum(b for b, _, _ in picks)
@@ -205,11 +216,11 @@ def allocate(
                     incumbent[i] = o[2]
                 for (i, _), o in zip(free, picks):
                     incumbent[i] = o[2]
-        exact = not truncated
 
     picked = {names[i]: opts[i][j] for i, j in enumerate(incumbent)}
     item_bytes = sum(o.bytes for o in picked.values())
     total_cost = sum(o.cost for o in picked.values())
+    exact = not truncated or total_cost - lower <= tol
     return Allocation(
         choices={k: o.name for k, o in picked.items()},
         picked=picked,
@@ -237,77 +248,87 @@ def _sum_bytes(opts: list[list[Option]], choice: list[int]) -> int:
     return sum(opts[i][j].bytes for i, j in enumerate(choice))
 
 
-def _dp(free, cap, lam, ub, tol, max_states):
+def _dp(free, cap, lam, ub, tol, max_states, max_candidates):
     """Exact DP over the free items' Pareto (bytes, cost) states with Lagrangian bound pruning.
 
-    Returns (chosen option per free item, cost, peak state count, truncated) or None when no state
-    beats the incumbent cost `ub` (then the incumbent is optimal).
+    Vectorised with numpy: each layer expands every state by every kept option of one item, drops
+    those that cannot fit or cannot beat the incumbent, and keeps the Pareto front (bytes ascending,
+    cost strictly descending). Returns (chosen option per free item, cost, peak state count,
+    truncated) or None when nothing beats the incumbent cost `ub` (then the incumbent is optimal).
     """
     n = len(free)
+    ob = [np.array([o[0] for o in keep], dtype=np.int64) for _, keep in free]
+    oc = [np.array([o[1] for o in keep], dtype=np.float64) for _, keep in free]
     # Suffix sums over items k..n-1: smallest bytes, Lagrangian minimum, and the lambda-greedy
-    # completion (smallest-bytes argmin) used to improve the incumbent on the fly.
-    rem_min = [0] * (n + 1)
-    rem_lag = [0.0] * (n + 1)
-    rem_gb = [0] * (n + 1)
-    rem_gc = [0.0] * (n + 1)
-    greedy_pick = [None] * n
+    # completion (first argmin = smallest bytes) used to improve the incumbent on the fly.
+    greedy_pick = [int(np.argmin(c + lam * b)) for b, c in zip(ob, oc)]
+    rem_min = np.zeros(n + 1, dtype=np.int64)
+    rem_lag, rem_gb, rem_gc = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64), np.zeros(n + 1)
     for k in range(n - 1, -1, -1):
-        keep = free[k][1]
-        r = [c + lam * b for b, c, _ in keep]
-        m = min(r)
-        g = keep[r.index(m)]
-        greedy_pick[k] = g
-        rem_min[k] = rem_min[k + 1] + keep[0][0]
-        rem_lag[k] = rem_lag[k + 1] + m
-        rem_gb[k] = rem_gb[k + 1] + g[0]
-        rem_gc[k] = rem_gc[k + 1] + g[1]
+        g = greedy_pick[k]
+        rem_min[k] = rem_min[k + 1] + ob[k][0]
+        rem_lag[k] = rem_lag[k + 1] + oc[k][g] + lam * ob[k][g]
+        rem_gb[k] = rem_gb[k + 1] + ob[k][g]
+        rem_gc[k] = rem_gc[k + 1] + oc[k][g]
 
-    states = [(0, 0.0, None)]  # (bytes, cost, chain of picks as nested (option, parent))
-    best_complete = None  # (cost, bytes, chain, k) from a greedy completion at layer k
+    B, C = np.zeros(1, dtype=np.int64), np.zeros(1)
+    parents, picks_at = [], []  # per layer: index of the parent state, option taken
+    incumbent = None  # (layer k, parent index in layer k-1, option) of an improving greedy completion
     peak, truncated = 1, False
     for k in range(n):
-        keep = free[k][1]
-        nxt = []
-        for b, c, chain in states:
-            for o in keep:
-                nb = b + o[0]
-                if nb + rem_min[k + 1] > cap:
-                    break  # options are sorted by bytes
-                nc = c + o[1]
-                if nc + rem_lag[k + 1] - lam * (cap - nb) > ub + tol:
-                    continue
-                nxt.append((nb, nc, (o, chain)))
-                if nb + rem_gb[k + 1] <= cap and nc + rem_gc[k + 1] < ub:
-                    ub = nc + rem_gc[k + 1]
-                    best_complete = (ub, nb + rem_gb[k + 1], (o, chain), k + 1)
-        nxt.sort(key=lambda s: (s[0], s[1]))  # stable: ties keep generation order
-        states, best_c = [], math.inf
-        for s in nxt:
-            if s[1] < best_c and s[1] + rem_lag[k + 1] - lam * (cap - s[0]) <= ub + tol:
-                states.append(s)
-                best_c = s[1]
-        if len(states) > max_states:
+        K, S = len(ob[k]), len(B)
+        # Option-major layout: K runs each already sorted by bytes, which the stable sort merges fast.
+        nb = (ob[k][:, None] + B[None, :]).ravel()
+        nc = (oc[k][:, None] + C[None, :]).ravel()
+        par = np.tile(np.arange(S), K)
+        opt = np.repeat(np.arange(K), S)
+        comp_ok = nb + rem_gb[k + 1] <= cap
+        if comp_ok.any():
+            comp = np.where(comp_ok, nc + rem_gc[k + 1], np.inf)
+            a = int(np.argmin(comp))
+            if comp[a] < ub:
+                ub, incumbent = float(comp[a]), (k, int(par[a]), int(opt[a]))
+        bound = nc + rem_lag[k + 1] - lam * (cap - nb)
+        ok = np.flatnonzero((nb + rem_min[k + 1] <= cap) & (bound <= ub + tol))
+        ok = ok[np.argsort(nb[ok], kind="stable")]  # by bytes; ties stay in generation order
+        nb, nc, par, opt, bound = nb[ok], nc[ok], par[ok], opt[ok], bound[ok]
+        if len(nc):
+            # Pareto front: keep a state only if cheaper than every smaller-or-equal one before it,
+            # then only the last (cheapest) of each equal-bytes run.
+            keep = nc < np.concatenate(([np.inf], np.minimum.accumulate(nc)[:-1]))
+            nb, nc, par, opt, bound = nb[keep], nc[keep], par[keep], opt[keep], bound[keep]
+            keep = np.concatenate((nb[1:] != nb[:-1], [True]))
+            nb, nc, par, opt, bound = nb[keep], nc[keep], par[keep], opt[keep], bound[keep]
+        # Bound the next layer's work (states x options); the last layer needs no bound.
+        limit = min(max_states, max_candidates // len(ob[k + 1])) if k + 1 < n else len(nb)
+        if len(nb) > max(1, limit):
             truncated = True
-            states.sort(key=lambda s: (s[1] + rem_lag[k + 1] - lam * (cap - s[0]), s[0]))
-            states = sorted(states[:max_states], key=lambda s: (s[0], s[1]))
-        peak = max(peak, len(states))
-        if not states:
+            # Most promising by bound, then cost, then bytes; re-sorted by bytes for the next layer.
+            best = np.sort(np.lexsort((nb, nc, bound))[:max(1, limit)])
+            nb, nc, par, opt = nb[best], nc[best], par[best], opt[best]
+        B, C = nb, nc
+        parents.append(par)
+        picks_at.append(opt)
+        peak = max(peak, len(B))
+        if not len(B):
             break
 
-    candidates = []
-    if states:
-        cost = min(s[1] for s in states)
-        s = next(s for s in states if s[1] == cost)  # sorted by bytes: the smallest of the cheapest
-        candidates.append((s[1], s[0], s[2], n))
-    if best_complete is not None:
-        candidates.append(best_complete)
-    if not candidates:
+    def backtrack(layer: int, s: int) -> list[int]:
+        out = []
+        for k in range(layer, -1, -1):
+            out.append(int(picks_at[k][s]))
+            s = int(parents[k][s])
+        return out[::-1]
+
+    found = []  # (cost, bytes, picks) of each complete candidate
+    if len(B) and len(parents) == n:
+        s = int(np.argmin(C))  # costs strictly fall as bytes grow: the unique cheapest state
+        found.append((float(C[s]), int(B[s]), backtrack(n - 1, s)))
+    if incumbent is not None:
+        k, p, j = incumbent
+        picks = (backtrack(k - 1, p) if k else []) + [j] + greedy_pick[k + 1:]
+        found.append((ub, sum(int(ob[t][x]) for t, x in enumerate(picks)), picks))
+    if not found:
         return None
-    cost, _, chain, depth = min(candidates, key=lambda t: (t[0], t[1]))
-    picks = []
-    while chain is not None:
-        picks.append(chain[0])
-        chain = chain[1]
-    picks.reverse()
-    picks.extend(greedy_pick[depth:])
-    return picks, cost, peak, truncated
+    cost, _, picks = min(found, key=lambda f: (f[0], f[1]))
+    return [free[k][1][j] for k, j in enumerate(picks)], cost, peak, truncated
