@@ -16,6 +16,8 @@ from mixq.core.errors import MixqError
 COMMANDS = {
     "convert": "Measure sensitivity, allocate formats under a bits-per-weight budget, write and verify",
     "inspect": "Show a model's layers, kinds, cache slots and quantizable tensors",
+    "serve": "OpenAI-compatible server: chat (reasoning split, tools), completions with logprobs, batching",
+    "kv-cache": "Measure K/V sensitivity per attention layer and write a mixed-bit kv_config.json",
 }
 
 

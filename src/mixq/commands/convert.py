@@ -48,7 +48,8 @@ def run(args) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
     plan, cost = report["plan"], report["sensitivity_cost"]
-    print(f"wrote {report['out']}  ({plan['achieved_bpw']:.4f} bpw, target {plan['target_bpw']}; "
+    print(f"wrote {report['out']}  ({plan['achieved_bpw']:.4f} bpw, target {plan['target_bpw']}, "
+          f"{report['disk_bytes'] / 1e6:.2f} MB of weights on disk; "
           f"verified with mlx_lm.load: {report['verify']['modules_checked']} modules)")
     print(f"sensitivity: {cost['measurements']} measurements, {cost['block_forwards']} block-forwards "
           f"(naive sweep {cost['naive_block_forwards']}), {cost['seconds']} s")

@@ -64,6 +64,10 @@ def _log(opts: ConvertOptions, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _desc(opts: ConvertOptions, text: str) -> str | None:
+    return text if opts.progress else None
+
+
 def convert(opts: ConvertOptions) -> dict:
     t_start = time.perf_counter()
     if not (0 < opts.target_bpw <= 32):
@@ -110,14 +114,14 @@ def convert(opts: ConvertOptions) -> dict:
     # end to end: calibration (predicted vs measured) and held-out (reported)
     _log(opts, "measuring the plan end to end")
     calib_eval = Evaluator(lm.model, windows.tokens, lm.source_dtypes)
-    mixq_calib = calib_eval.measure(plan_formats(plan))
+    mixq_calib = calib_eval.measure(plan_formats(plan), desc=_desc(opts, "plan on calibration"))
     refinement = {"applied": False}
     best_name, best_fmts, best_kl = None, None, mixq_calib["kl_mean"]
     for spec in [c for c in candidates if c.is_quantized]:
         fmts, _ = uniform_formats(anatomy, spec)
         if plan_bytes(anatomy, lm.source_dtypes, fmts) * 8 / params > opts.target_bpw:
             continue
-        kl = calib_eval.measure(fmts)["kl_mean"]
+        kl = calib_eval.measure(fmts, desc=_desc(opts, f"uniform {spec} on calibration"))["kl_mean"]
         if kl < best_kl:
             best_name, best_fmts, best_kl = f"uniform {spec}", fmts, kl
     if best_name is not None:
@@ -136,7 +140,7 @@ def convert(opts: ConvertOptions) -> dict:
     held = calibration.heldout_windows(lm.tokenizer, n_samples=opts.heldout_samples, seq_len=opts.seq_len)
     ev = Evaluator(lm.model, held.tokens, lm.source_dtypes)
     rows = [{"name": "mixq", "bpw": plan["achieved_bpw"], "bytes": plan["total_bytes"],
-             **ev.measure(plan_formats(plan))}]
+             **ev.measure(plan_formats(plan), desc=_desc(opts, "held-out: mixq"))}]
     for b in BASELINES:
         if b.startswith("mixed_"):
             fmts = recipe_formats(anatomy, lm.model, b)
@@ -145,7 +149,7 @@ def convert(opts: ConvertOptions) -> dict:
             fmts, fell = uniform_formats(anatomy, Format.parse(b))
         nbytes = plan_bytes(anatomy, lm.source_dtypes, fmts)
         rows.append({"name": b if b.startswith("mixed_") else f"uniform {b}", "bpw": nbytes * 8 / params,
-                     "bytes": nbytes, "float_fallbacks": len(fell), **ev.measure(fmts)})
+                     "bytes": nbytes, "float_fallbacks": len(fell), **ev.measure(fmts, desc=_desc(opts, f"held-out: {b}"))})
     del ev
 
     plan.update({
@@ -174,8 +178,10 @@ def convert(opts: ConvertOptions) -> dict:
         _dump(plan, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
         check = verify(tmp, plan)
+        on_disk = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
+        rows[0]["disk_bytes"] = on_disk
         report = {
-            "out": str(out), "plan": {k: plan[k] for k in ("target_bpw", "achieved_bpw", "total_bytes",
+            "out": str(out), "disk_bytes": on_disk, "plan": {k: plan[k] for k in ("target_bpw", "achieved_bpw", "total_bytes",
                                                               "predicted_kl", "measured_kl_calibration")},
             "comparison": rows, "verify": check, "sensitivity_cost": sens["cost"],
             "refinement": refinement, "allocation": plan["allocation"],

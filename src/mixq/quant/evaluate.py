@@ -25,16 +25,18 @@ class Evaluator:
             mx.eval(logits)
             self.ref.append(logits)
 
-    def measure(self, formats: dict[str, Format] | None) -> dict:
+    def measure(self, formats: dict[str, Format] | None, desc: str | None = None) -> dict:
         """KL mean / p99 / max, top-1 agreement and perplexity of the model under `formats`."""
         import mlx.core as mx
         import numpy as np
+        from tqdm import tqdm
 
         from mixq.core.metrics import kl_per_token, summarize, token_nll
 
         kls, same, nll_q, nll_ref = [], [], [], []
         with fake_quantized(self.model, formats or {}, self.source_dtypes):
-            for bi, s in enumerate(range(0, self.tokens.shape[0], self.bs)):
+            starts = list(range(0, self.tokens.shape[0], self.bs))
+            for bi, s in enumerate(tqdm(starts, desc=desc, disable=desc is None, leave=False)):
                 x, ref = self.tokens[s:s + self.bs], self.ref[bi]
                 logits = self.model(x).astype(mx.float32)
                 kls.append(np.array(kl_per_token(ref, logits)).ravel())
