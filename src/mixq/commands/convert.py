@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
                                         "(BITS:GROUP affine, mxfp4, nvfp4, mxfp8, float)")
     p.add_argument("--calibration", help="calibration text: .jsonl ({text} or {messages}) or .txt "
                                          "(default: the built-in mix)")
-    p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sensitivity", help="reuse a sensitivity.json measured with the same settings")

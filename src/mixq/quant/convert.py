@@ -38,7 +38,7 @@ class ConvertOptions:
     target_bpw: float = 4.5
     candidates: str | None = None
     calibration: str | None = None
-    samples: int = 32
+    samples: int = 16
     seq_len: int = 256
     seed: int = 0
     sensitivity: str | None = None

@@ -1,0 +1,88 @@
+"""Held-out text as documents, for `perplexity` and `kl`.
+
+The source is, in order: `--text FILE`; WikiText-2's `wiki.test.raw` when `--data-dir` holds it (in
+`DIR/wikitext/`, `DIR/wikitext-2-raw/` or `DIR/`); else the held-out text shipped in `mixq/data/heldout.txt`
+(the last 5 % of every offline corpus file, never seen by training or calibration; see mixq.core.corpus).
+Text is cut at line ends into documents of about DOC_CHARS characters; documents from the held-out
+text's sections (prose, dictionary, scripture, Python docs, Japanese) are interleaved so that any prefix
+of the list (`--limit N`) covers every kind of text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from importlib import resources
+from pathlib import Path
+
+from mixq.core.errors import MixqError
+
+DOC_CHARS = 4000
+_HEADER = re.compile(r"^=== mixq-heldout (\S+)(?: [^\n]*)? ===$", re.M)
+
+
+def chunk_lines(text: str, target: int = DOC_CHARS) -> list[str]:
+    """Cut at a blank line once `target` characters are reached (at any line end past 2x target)."""
+    out, cur, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        cur.append(line)
+        size += len(line)
+        if (size >= target and not line.strip()) or size >= 2 * target:
+            out.append("".join(cur))
+            cur, size = [], 0
+    if cur:
+        out.append("".join(cur))
+    return [d.strip("\n") for d in out if d.strip()]
+
+
+def heldout_sections(text: str) -> list[tuple[str, str]]:
+    heads = list(_HEADER.finditer(text))
+    return [(m.group(1), text[m.end() + 1: heads[i + 1].start() if i + 1 < len(heads) else len(text)])
+            for i, m in enumerate(heads)]
+
+
+def _interleave(sections: list[tuple[str, list[str]]]) -> list[tuple[str, str]]:
+    out = []
+    for j in range(max((len(d) for _, d in sections), default=0)):
+        out += [(f"{name}-{j}", docs[j]) for name, docs in sections if j < len(docs)]
+    return out
+
+
+def _read(p: Path) -> str:
+    if not p.is_file():
+        raise MixqError(f"{p}: no such file")
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MixqError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def documents(opts) -> tuple[list[tuple[str, str]], str, dict, bool]:
+    """([(doc id, text)], source label, {file: sha256}, is the shipped text)."""
+    if opts.text:
+        p = Path(opts.text).expanduser()
+        text = _read(p)
+        docs = [(f"doc-{i}", d) for i, d in enumerate(chunk_lines(text))]
+        source, files, shipped = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}, False
+    elif opts.data_dir and opts.data_dir != "hf" and _wikitext(opts.data_dir):
+        p = _wikitext(opts.data_dir)
+        text = _read(p)
+        docs = [(f"wiki-{i}", d) for i, d in enumerate(chunk_lines(text))]
+        source, files, shipped = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}, False
+    else:
+        text = resources.files("mixq.data").joinpath("heldout.txt").read_text(encoding="utf-8")
+        sections = [(name, chunk_lines(body)) for name, body in heldout_sections(text)]
+        docs = _interleave(sections)
+        source, files, shipped = "mixq/data/heldout.txt", {"heldout.txt": hashlib.sha256(text.encode()).hexdigest()}, False
+    if not docs:
+        raise MixqError(f"{source}: no text")
+    return docs, source, files, shipped
+
+
+def _wikitext(data_dir: str) -> Path | None:
+    base = Path(data_dir).expanduser()
+    for sub in ("wikitext", "wikitext-2-raw", "wikitext-2-raw-v1", "."):
+        p = base / sub / "wiki.test.raw"
+        if p.is_file():
+            return p
+    return None
