@@ -63,3 +63,11 @@ def test_float_candidate_and_infeasible_target():
         allocate(layers, [4], 4.0, group_size=64)
     with pytest.raises(MixqError, match="no measured sensitivity"):
         allocate(layers, [4, 8], 8.0, group_size=64)
+
+
+def test_noisy_narrow_width_is_never_believed_cheaper():
+    layers = [{"layer": 0, "k_shape": [1, 64], "v_shape": [1, 64],
+               "sensitivity": {"k": {"3": 0.1, "4": 0.5, "8": 0.0}, "v": {"3": 0.2, "4": 0.2, "8": 0.0}}}]
+    # 4-bit K measured worse than 3-bit: the allocator treats 3-bit as costing 0.5 too
+    a = allocate(layers, [3, 4, 8], 4.5, group_size=64)
+    assert a["bits"][0] == (4, 4) and a["predicted_kl"] == pytest.approx(0.7)

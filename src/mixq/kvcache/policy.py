@@ -5,6 +5,11 @@ bytes per token (heads and head_dim differ between layers, and K and V may diffe
 Minimise the summed KL with total bytes per token <= target_bits / 8 x elements per token (the target
 is a ceiling). This multiple-choice knapsack is small (<= a few hundred items x a few options), so it is
 solved exactly by dynamic programming over byte totals, in units of the gcd of all option sizes.
+
+Measured KLs are means over positions and carry noise (a few spiky positions can dominate), so a
+narrower width can measure cheaper than a wider one. The allocator never believes that: a width costs at
+least what any wider candidate measured (a running max from wide to narrow). The raw measurements are
+kept in the config; `predicted_kl` is the sum of the costs used.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ class Option:
 def solve(items: list[tuple[str, list[Option]]], budget: int) -> dict:
     """Exact min-cost choice of one option per item with total bytes <= budget.
 
-    Returns {"choices": {item: Option}, "bytes", "cost"}. Ties: the smaller total wins, then the
-    option listed first. Raises MixqError when even the smallest options do not fit.
+    Returns {"choices": {item: Option}, "bytes", "cost"}. Ties: the larger total wins (bytes under the
+    ceiling buy safety against measurement noise), then the option listed first. Raises MixqError when even the smallest options do not fit.
     """
     if not items:
         return {"choices": {}, "bytes": 0, "cost": 0.0}
@@ -74,7 +79,7 @@ def solve(items: list[tuple[str, list[Option]]], budget: int) -> dict:
         dp = new
         picks.append(arg)
     best = float(dp.min())
-    total = int(np.flatnonzero(dp == best)[0])  # the smallest total among the cheapest
+    total = int(np.flatnonzero(dp == best)[-1])  # the largest total among the cheapest
     choices, used = {}, total
     for (name, opts), arg in zip(reversed(items), reversed(picks)):
         o = opts[int(arg[used])]
@@ -105,16 +110,17 @@ def allocate(layers: list[dict], candidates: list[int], target_bits: float, *, g
             heads, dim = e[f"{part}_shape"]
             elements += heads * dim
             sens = {int(b): float(v) for b, v in e.get("sensitivity", {}).get(part, {}).items()}
-            opts = []
-            for b in sorted(set(candidates)):
+            opts, floor = [], 0.0
+            for b in sorted(set(candidates), reverse=True):  # wide to narrow: costs never decrease
                 if b == FLOAT_BITS:
                     cost = sens.get(b, 0.0)
                 elif b in sens:
                     cost = sens[b]
                 else:
                     raise MixqError(f"layer {e['layer']} {part.upper()}: no measured sensitivity at {b} bits")
-                opts.append(Option(b, part_bytes_per_token(heads, dim, b, group_size, scale_bits), cost))
-            items.append((f"{e['layer']}.{part}", opts))
+                floor = max(floor, cost)
+                opts.append(Option(b, part_bytes_per_token(heads, dim, b, group_size, scale_bits), floor))
+            items.append((f"{e['layer']}.{part}", opts[::-1]))
     budget = int(math.floor(target_bits * elements / 8 + 1e-9))
     try:
         sol = solve(items, budget)
