@@ -38,6 +38,7 @@ def test_measure_per_layer_k_and_v(moe):
         for part in "kv":
             assert set(rec[part]) == {"2", "8", "16"} and rec[part]["16"] == 0.0
             assert rec[part]["2"] > rec[part]["8"] >= 0.0
+            assert set(rec["se"][part]) == {"2", "8"} and all(v >= 0 for v in rec["se"][part].values())
 
 
 def test_build_writes_a_config_that_loads_and_runs(moe, tmp_path):
@@ -48,7 +49,7 @@ def test_build_writes_a_config_that_loads_and_runs(moe, tmp_path):
     assert cfg["achieved_bits"] <= 5.5 and cfg["target_bits"] == 5.5
     assert cfg["model"]["fingerprint"] and cfg["model"]["layer_pattern"] == "M-M*EM*-E"
     assert [(l["layer"], l["cache_slot"]) for l in cfg["layers"]] == [(3, 2), (6, 4)]
-    assert all(set(l["sensitivity"]) == {"k", "v"} for l in cfg["layers"])
+    assert all(set(l["sensitivity"]) == {"k", "v", "se"} for l in cfg["layers"])
     assert cfg["predicted_kl"] >= 0 and cfg["measured_kl"]["kl_mean"] >= 0
     make_cache(moe, out)
     tokens, _ = text_windows(moe.tokenizer, n_samples=1, seq_len=32, split="heldout")

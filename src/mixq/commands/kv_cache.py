@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
                    help="bit widths to choose from, comma-separated; 16 = keep float (default 4,5,6,8)")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
                    help="quantization group size (smaller where head_dim needs it; default 64)")
-    p.add_argument("--samples", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seq-len", type=int, default=512,
                    help="tokens per window: the first half is prefilled, the second scored (default 512)")
     p.add_argument("--corpus", help="directory of .txt files (default: $MIXQ_CORPUS or shared/corpus)")

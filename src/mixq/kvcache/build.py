@@ -34,8 +34,8 @@ def plan_config(lm, sensitivity: dict, layout: list[dict], identity: dict, *, ta
     from mixq.kvcache.policy import allocate
 
     by_layer = {r["layer"]: r for r in sensitivity["layers"]}
-    entries = [{**e, "sensitivity": {"k": by_layer[e["layer"]]["k"], "v": by_layer[e["layer"]]["v"]}}
-               for e in layout]
+    entries = [{**e, "sensitivity": {key: by_layer[e["layer"]][key] for key in ("k", "v", "se")
+                                      if key in by_layer[e["layer"]]}} for e in layout]
     alloc = allocate(entries, candidates, target_bits, group_size=group_size, scale_bits=scale_bits)
     meta = {
         "policy": "measured",
@@ -55,7 +55,7 @@ def plan_config(lm, sensitivity: dict, layout: list[dict], identity: dict, *, ta
 
 
 def build_kv_config(model, *, target_bits: float, candidates=DEFAULT_CANDIDATES, group_size: int = 64,
-                    samples: int = 8, seq_len: int = 512, output: str | os.PathLike | None = None,
+                    samples: int = 16, seq_len: int = 512, output: str | os.PathLike | None = None,
                     corpus: str | os.PathLike | None = None, heldout_samples: int | None = None,
                     write: bool = True, progress=None) -> dict:
     """Measure, allocate, evaluate on held-out text and (with write) save kv_config.json.

@@ -82,10 +82,12 @@ def text_windows(tokenizer, *, n_samples: int, seq_len: int, split: str = "train
     return np.asarray(rows, dtype=np.int32), {**source, "split": split, "samples": n_samples, "seq_len": seq_len}
 
 
-def _kl_mean(ref_logits, logits) -> float:
+def _kl_sums(ref_logits, logits) -> tuple[float, float, int]:
+    """(sum, sum of squares, count) of the per-position KL(ref || logits)."""
     from mixq.core.metrics import kl_per_token
 
-    return float(kl_per_token(ref_logits, logits).mean().item())
+    kl = np.asarray(kl_per_token(ref_logits, logits), dtype=np.float64)
+    return float(kl.sum()), float((kl * kl).sum()), int(kl.size)
 
 
 def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_size: int = 64,
@@ -93,7 +95,10 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
     """KL per (attention layer, K or V, candidate bits). `layout` from config.attention_layout.
 
     Returns {"method", "prefix", "continuation", "samples", "forwards", "seconds",
-    "layers": [{"layer", "cache_slot", "k": {"bits": kl}, "v": {...}}]} (bits as strings, 16 = 0).
+    "layers": [{"layer", "cache_slot", "k": {"bits": kl}, "v": {...}, "se": {"k": {...}, "v": {...}}}]}
+    with bits as strings (16 = float = 0) and "se" the standard error of each mean over positions: KL is
+    heavy-tailed (on MoE models a small perturbation flips a few routing decisions), so it says how far
+    to trust a difference; more --samples shrink it.
     """
     import mlx.core as mx
 
@@ -106,7 +111,7 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
     if not 1 <= prefix < length:
         raise MixqError(f"prefix {prefix} must leave a continuation in {length}-token windows")
     quant = sorted({int(b) for b in candidates if int(b) != FLOAT_BITS})
-    sums = {(e["layer"], p, b): 0.0 for e in layout for p in "kv" for b in quant}
+    sums = {(e["layer"], p, b): [0.0, 0.0, 0] for e in layout for p in "kv" for b in quant}
     forwards, t0 = 0, time.time()
     total = len(layout) * 2 * len(quant)
     for start in range(0, n, batch_size):
@@ -127,17 +132,25 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
                     caches = fork(base)
                     kb, vb = (b, FLOAT_BITS) if part == "k" else (FLOAT_BITS, b)
                     caches[s] = MixedKVCache.from_kv_cache(base[s], kb, vb, group_size)
-                    kl = _kl_mean(ref, model(cont, cache=caches))
+                    s1, s2, cnt = _kl_sums(ref, model(cont, cache=caches))
                     forwards += 1
-                    sums[(e["layer"], part, b)] += kl * bs
+                    acc = sums[(e["layer"], part, b)]
+                    acc[0] += s1
+                    acc[1] += s2
+                    acc[2] += cnt
                     done += 1
                     if progress:
                         progress(start + bs, n, done, total)
     layers = []
     for e in layout:
-        rec = {"layer": e["layer"], "cache_slot": e["cache_slot"]}
+        rec = {"layer": e["layer"], "cache_slot": e["cache_slot"], "se": {}}
         for part in "kv":
-            rec[part] = {str(b): _round(max(0.0, sums[(e["layer"], part, b)] / n)) for b in quant}
+            rec[part], rec["se"][part] = {}, {}
+            for b in quant:
+                s1, s2, cnt = sums[(e["layer"], part, b)]
+                mean = max(0.0, s1 / cnt)
+                rec[part][str(b)] = _round(mean)
+                rec["se"][part][str(b)] = _round(math.sqrt(max(0.0, s2 / cnt - mean * mean) / cnt))
             rec[part][str(FLOAT_BITS)] = 0.0
         layers.append(rec)
     return {"method": METHOD, "prefix": prefix, "continuation": length - prefix, "samples": n,
