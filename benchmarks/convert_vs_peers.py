@@ -9,7 +9,8 @@ dynamic_quant's CLI fetches data from the hub, so its functions are called with 
 calibration windows mixq uses: estimate_sensitivities on the float32 model (CPU), estimate_threshold on
 the model in its stored dtype (so its bits-per-weight accounting is the real one).
 
-Usage: python benchmarks/convert_vs_peers.py [--models demo demo-moe] [--samples 32] [--seq-len 256]
+Usage: python benchmarks/convert_vs_peers.py [--models demo demo-moe] [--samples 16] [--seq-len 256]
+       [--candidates all|default|SPEC]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import mixq  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 
 from mixq.core.anatomy import describe
-from mixq.core.formats import DEFAULT_CANDIDATES, Format
+from mixq.core.formats import DEFAULT_CANDIDATES, Format, parse_candidates
 from mixq.core.modelio import load
 from mixq.quant import calibration
 from mixq.quant.evaluate import Evaluator
@@ -76,7 +77,10 @@ def run_model(name: str, args) -> dict:
     docs = calibration.load_documents(None)
     win = calibration.make_windows(docs, lm.tokenizer, n_samples=args.samples, seq_len=args.seq_len, seed=0)
     held = calibration.heldout_windows(lm.tokenizer, n_samples=args.heldout, seq_len=args.seq_len)
-    sens = measure(lm.model, anatomy, win.tokens, list(DEFAULT_CANDIDATES), key={"bench": name},
+    cands = list(DEFAULT_CANDIDATES) if args.candidates == "default" else parse_candidates(args.candidates)
+    if Format("float") not in cands:
+        cands.append(Format("float"))
+    sens = measure(lm.model, anatomy, win.tokens, cands, key={"bench": name},
                    source_dtypes=lm.source_dtypes, progress=False)
     naive_s = naive_sweep_seconds(lm, anatomy, win.tokens)
     ev = Evaluator(lm.model, held.tokens, lm.source_dtypes)
@@ -91,7 +95,7 @@ def run_model(name: str, args) -> dict:
     rows = []
     for peer, fmts in peers.items():
         target = bpw(fmts)
-        plan = make_plan(anatomy, sens, list(DEFAULT_CANDIDATES), target, lm.source_dtypes)
+        plan = make_plan(anatomy, sens, cands, target, lm.source_dtypes)
         p, m = ev.measure(fmts), ev.measure(plan_formats(plan))
         rows.append({"peer": peer, "peer_bpw": target, "peer_kl": p["kl_mean"], "peer_p99": p["kl_p99"],
                      "mixq_bpw": plan["achieved_bpw"], "mixq_kl": m["kl_mean"], "mixq_p99": m["kl_p99"],
@@ -105,9 +109,11 @@ def run_model(name: str, args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description="mixq convert vs peers")
     ap.add_argument("--models", nargs="+", default=["demo", "demo-moe"])
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--candidates", default="all",
+                    help="mixq candidate formats (default: all; 'default' for convert's default set)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     results = [run_model(m, args) for m in args.models]

@@ -4,14 +4,16 @@ For each model: measure K/V sensitivity once on calibration text (corpus train s
 target, then at each context length run held-out windows of context + continuation tokens through the
 model with each cache and compare the continuation's next-token distributions with the float cache's.
 
-Rows: float, uniform 8-bit, uniform 4-bit (mixq's cache class), mixq at each target, and, as a peer
-cross-check, mlx-lm's own QuantizedKVCache at 8 and 4 bits (one width for K and V and all layers).
+Rows: float, uniform 8-bit, uniform 4-bit (and any --uniform widths; mixq's cache class), mixq at each
+target, and, as a peer cross-check, mlx-lm's own QuantizedKVCache at 8 and 4 bits (one width for K and
+V and all layers).
 "B/tok" is the served cost (16-bit model: 16-bit floats, 16-bit group scales and biases); "held" is what
 the caches actually held per token here (float32 compute on the CPU, so 32-bit scales). KL is
 heavy-tailed on MoE models (quantization noise flips a few routing decisions), so every mean comes with
 its standard error over positions.
 
-Usage: python benchmarks/kv_vs_uniform.py [--models demo,demo-moe] [--contexts 512,2048] [--json OUT]
+Usage: python benchmarks/kv_vs_uniform.py [--models demo,demo-moe] [--contexts 512,2048] [--uniform 8,6,5,4]
+       [--json OUT]
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def run_model(name: str, args) -> dict:
     print(f"# {name}: pattern {identity['layer_pattern']}, {len(layout)} attention layers, sensitivity "
           f"{sens['forwards']} forwards in {sens['seconds']:.1f}s", file=sys.stderr)
 
-    configs: dict[str, dict | None] = {"float": None, "uniform 8-bit": uniform_config(lm, 8, group_size=args.group_size),
-                                       "uniform 4-bit": uniform_config(lm, 4, group_size=args.group_size)}
+    configs: dict[str, dict | None] = {"float": None}
+    for b in sorted(set(args.uniform) | {8, 4}, reverse=True):
+        configs[f"uniform {b}-bit"] = uniform_config(lm, b, group_size=args.group_size)
     for t in args.targets:
         configs[f"mixq @{t:g}"] = plan_config(lm, sens, layout, identity, target_bits=t, candidates=cands,
                                               group_size=args.group_size)
@@ -124,9 +127,12 @@ def _checks(res: dict, targets) -> list[str]:
             m = table[f"mixq @{t:g}"]
             u4, u8 = table["uniform 4-bit"], table["uniform 8-bit"]
             ok = m["kl_mean"] < u4["kl_mean"] and m["bytes_per_token"] <= 0.75 * u8["bytes_per_token"]
-            lines.append(f"{'PASS' if ok else 'FAIL'}  {res['model']} ctx {ctx} mixq @{t:g}: KL {m['kl_mean']:.3g} "
+            same = all((l["k_bits"], l["v_bits"]) == (4, 4) for l in res["configs"][f"mixq @{t:g}"]["layers"])
+            verdict = "SAME" if same else "PASS" if ok else "FAIL"
+            note = f" (the target leaves no room above uniform 4-bit, which costs {u4['bits']:g} bits here)" if same else ""
+            lines.append(f"{verdict}  {res['model']} ctx {ctx} mixq @{t:g}: KL {m['kl_mean']:.3g} "
                          f"± {m['kl_se']:.2g} vs uniform 4-bit {u4['kl_mean']:.3g} ± {u4['kl_se']:.2g}; "
-                         f"bytes {m['vs_uniform8']:.3f}x uniform 8-bit (<= 0.75)")
+                         f"bytes {m['vs_uniform8']:.3f}x uniform 8-bit (<= 0.75){note}")
     return lines
 
 
@@ -137,6 +143,7 @@ def main() -> int:
     ap.add_argument("--continuation", type=int, default=128, help="scored tokens after each context (default 128)")
     ap.add_argument("--samples", type=int, default=16, help="held-out windows per context (default 16)")
     ap.add_argument("--targets", default="5,6")
+    ap.add_argument("--uniform", default="8,4", help="uniform widths to compare (8 and 4 always)")
     ap.add_argument("--candidates", default="4,5,6,8")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -146,6 +153,7 @@ def main() -> int:
     args = ap.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.targets = [float(t) for t in args.targets.split(",")]
+    args.uniform = [int(b) for b in args.uniform.split(",")]
 
     import mixq  # noqa: F401  (fast BLAS before mlx)
     from mixq.core.errors import MixqError

@@ -57,3 +57,18 @@ def test_hub_id_offline_is_one_line():
 def test_bad_arguments_exit_2():
     r = _run("inspect")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_fingerprint_sees_weight_values(nemotron_dense, tmp_path):
+    import mlx.core as mx
+
+    from mixq.core.modelio import fingerprint
+
+    other = tmp_path / "other"
+    shutil.copytree(nemotron_dense, other)
+    assert fingerprint(other) == fingerprint(nemotron_dense)
+    w = mx.load(str(other / "model.safetensors"))
+    # same shapes and dtypes, different values: a fine-tune must not reuse another model's measurements
+    w = {k: (v * 1.5 if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in w.items()}
+    mx.save_safetensors(str(other / "model.safetensors"), w, metadata={"format": "mlx"})
+    assert fingerprint(other) != fingerprint(nemotron_dense)

@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
     p.add_argument("--target-bpw", type=float, default=4.5,
                    help="hard ceiling on bits per weight, mlx-lm's definition (default 4.5)")
     p.add_argument("--candidates", help="formats to choose from, e.g. 3:32,4:64,6:64,mxfp4 "
-                                        "(BITS:GROUP affine, mxfp4, nvfp4, mxfp8, float)")
+                                        "(BITS:GROUP affine, mxfp4, nvfp4, mxfp8, float), or 'all' for every format")
     p.add_argument("--calibration", help="calibration text: .jsonl ({text} or {messages}) or .txt "
                                          "(default: the built-in mix)")
     p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")

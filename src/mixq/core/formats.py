@@ -143,6 +143,8 @@ class Format:
 
 def parse_candidates(spec: str | Iterable[str]) -> list[Format]:
     """"3:32,4:64,mxfp4" (or a list of such strings) -> formats, in order, duplicates dropped."""
+    if isinstance(spec, str) and spec.strip() == "all":
+        spec = ALL_CANDIDATES_SPEC
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[Format] = []
     for item in items:
@@ -162,6 +164,8 @@ def parse_candidates(spec: str | Iterable[str]) -> list[Format]:
 # Spread from ~2.5 to 16 bits per weight (bf16 source) so the knapsack has a step at most budgets,
 # with both affine and the float4 formats at the ~4.25-4.5 bpw sweet spot, where choices matter most.
 # 4:32 (5.0), 3:32 (4.0) and mxfp8 (8.25, coarser than 8:64) are left out to keep measurement cheap.
+# "all": every format mlx can store (slower to measure, ~2x the default; finer size/quality steps)
+ALL_CANDIDATES_SPEC = ",".join([f"{b}:{g}" for b in AFFINE_BITS for g in AFFINE_GROUPS] + ["mxfp4", "nvfp4", "mxfp8", "float"])
 DEFAULT_CANDIDATES: list[Format] = parse_candidates("2:64,3:64,4:128,4:64,mxfp4,nvfp4,5:64,6:64,8:64,float")
 
 
