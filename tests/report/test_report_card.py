@@ -256,7 +256,7 @@ def test_normalize_eval_shapes():
 
 
 def test_card_reads_a_real_mixq_eval_result(quant, tmp_path):
-    runner = pytest.importorskip("mixq.eval.runner")
+    from mixq.eval import runner
     d = shutil.copytree(quant, tmp_path / "real")
     doc = runner.run_eval(runner.EvalOptions(model=str(d), tasks="hashhop", limit=2, progress=False, cache_dir=None))
     (d / "mixq" / "eval.json").write_text(json.dumps(doc))
@@ -268,11 +268,7 @@ def test_card_reads_a_real_mixq_eval_result(quant, tmp_path):
 
 
 def test_card_on_a_demo_model_quant(tmp_path):
-    """The acceptance path on the bundled demo model (skipped until the demo models are in the tree)."""
-    from mixq.core.modelio import demo_dir
-
-    if not (demo_dir("demo") / "config.json").is_file():
-        pytest.skip("the bundled demo model is not built in this tree")
+    """The acceptance path on the bundled demo model."""
     q = tmp_path / "demo-mixq"
     convert(ConvertOptions(model="demo", out=str(q), target_bpw=6.0, candidates="4:64,8:64", samples=2, seq_len=32,
                            heldout_samples=2, progress=False))

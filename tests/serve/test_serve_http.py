@@ -23,7 +23,7 @@ from mixq.serve.app import ServeSettings, create_app
 from mixq.serve.engine import Engine
 from mixq.serve.runner import ServerThread
 
-openai = pytest.importorskip("openai")
+import openai  # noqa: E402  (a dev dependency)
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                            "parameters": {"type": "object",
@@ -329,7 +329,7 @@ def test_lm_eval_local_completions(scripted, tmp_path):
     """lm-evaluation-harness (`local-completions`) scores a 3-way multiple-choice task through the server:
     the log-likelihoods it gets are the model's own (checked against a direct forward), and the model that
     learned the answers picks them (chance is 1/3)."""
-    pytest.importorskip("lm_eval")
+    import lm_eval  # noqa: F401  (a dev dependency)
     import subprocess
     import sys
 
