@@ -49,7 +49,7 @@ def run_model(name: str, args) -> dict:
     from mixq.core.modelio import load
     from mixq.kvcache import config as kvconfig
     from mixq.kvcache import make_cache, uniform_config
-    from mixq.kvcache.build import parse_candidates, plan_config
+    from mixq.kvcache.build import parse_candidates, plan_refined
     from mixq.kvcache.cache import kv_bytes, part_bytes_per_token
     from mixq.kvcache.sensitivity import measure, text_windows
 
@@ -68,8 +68,8 @@ def run_model(name: str, args) -> dict:
     for b in sorted(set(args.uniform) | {8, 4}, reverse=True):
         configs[f"uniform {b}-bit"] = uniform_config(lm, b, group_size=args.group_size)
     for t in args.targets:
-        configs[f"mixq @{t:g}"] = plan_config(lm, sens, layout, identity, target_bits=t, candidates=cands,
-                                              group_size=args.group_size)
+        configs[f"mixq @{t:g}"] = plan_refined(lm, sens, layout, identity, calib, target_bits=t, candidates=cands,
+                                               group_size=args.group_size)
     served = {k: (c["bytes_per_token"] if c else c) for k, c in configs.items()}
     served["float"] = sum(2 * (e["k_shape"][0] * e["k_shape"][1] + e["v_shape"][0] * e["v_shape"][1]) for e in layout)
     peers = {}

@@ -22,3 +22,22 @@ def test_cli_user_errors(nemotron_dense, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("mixq kv-cache: error:") and err.count("\n") == 1
     assert main(["kv-cache", "/no/such/model"]) == 2
+
+
+def test_build_never_worse_than_a_uniform_that_fits(nemotron_moe, tmp_path):
+    """The shipped config measures no worse on the calibration windows than any uniform width in budget."""
+    from mixq.kvcache.build import build_kv_config
+
+    out = build_kv_config(str(nemotron_moe), target_bits=6.0, candidates="4,5,6,8", samples=2, seq_len=32,
+                          output=tmp_path / "kv.json")
+    cfg = out["config"]
+    note = cfg["refinement"]
+    assert note["calibration_kl_uniform"], "at least one uniform width fits a 6-bit budget"
+    if note["applied"]:
+        assert len({(l["k_bits"], l["v_bits"]) for l in cfg["layers"]}) == 1
+        assert min(note["calibration_kl_uniform"].values()) < note["calibration_kl_mixed"]
+    else:
+        assert note["calibration_kl_mixed"] <= min(note["calibration_kl_uniform"].values())
+    assert cfg["bytes_per_token"] <= cfg["allocation"]["budget_bytes_per_token"]
+    import json
+    assert json.loads((tmp_path / "kv.json").read_text())["refinement"] == note

@@ -28,8 +28,10 @@ def parse_candidates(text) -> list[int]:
 
 
 def plan_config(lm, sensitivity: dict, layout: list[dict], identity: dict, *, target_bits: float,
-                candidates: list[int], group_size: int, scale_bits: int = 16, extra: dict | None = None) -> dict:
-    """Allocate under `target_bits` from measured sensitivities and build the config dict."""
+                candidates: list[int], group_size: int, scale_bits: int = 16, extra: dict | None = None,
+                bits_override: dict | None = None) -> dict:
+    """Allocate under `target_bits` from measured sensitivities and build the config dict
+    (`bits_override`: layer -> (k_bits, v_bits) replaces the allocation, e.g. after refinement)."""
     from mixq.kvcache import config as kvconfig
     from mixq.kvcache.policy import allocate
 
@@ -37,21 +39,61 @@ def plan_config(lm, sensitivity: dict, layout: list[dict], identity: dict, *, ta
     entries = [{**e, "sensitivity": {key: by_layer[e["layer"]][key] for key in ("k", "v", "se")
                                       if key in by_layer[e["layer"]]}} for e in layout]
     alloc = allocate(entries, candidates, target_bits, group_size=group_size, scale_bits=scale_bits)
+    bits = alloc["bits"] if bits_override is None else bits_override
+    predicted = alloc["predicted_kl"] if bits_override is None else sum(
+        float(e["sensitivity"]["k"][str(bits[e["layer"]][0])]) + float(e["sensitivity"]["v"][str(bits[e["layer"]][1])])
+        for e in entries)
     meta = {
         "policy": "measured",
         "candidates": list(candidates),
         "target_bits": float(target_bits),
-        "predicted_kl": float(f"{alloc['predicted_kl']:.6g}"),
+        "predicted_kl": float(f"{predicted:.6g}"),
         "allocation": {"budget_bytes_per_token": alloc["budget_bytes"], "exact": alloc["exact"],
                        "solver": "dp-over-bytes"},
         "sensitivity": {k: v for k, v in sensitivity.items() if k != "layers"},
         **(extra or {}),
     }
-    cfg = kvconfig.build(identity, entries, alloc["bits"], group_size=group_size, scale_bits=scale_bits,
+    cfg = kvconfig.build(identity, entries, bits, group_size=group_size, scale_bits=scale_bits,
                          name=getattr(lm, "name", None), extra=meta)
-    if cfg["bytes_per_token"] != alloc["bytes_per_token"]:  # the config's own accounting must agree
+    if bits_override is None and cfg["bytes_per_token"] != alloc["bytes_per_token"]:  # the config's own accounting must agree
         raise AssertionError("byte accounting disagrees between policy and config")
     return cfg
+
+
+def refine(lm, cfg: dict, tokens, cands: list[int], group_size: int) -> tuple[int | None, dict]:
+    """Per-layer KLs add only approximately (and are noisy where MoE routing flips): measure the mix end to
+    end on the calibration windows against every uniform width within the same byte budget, and return
+    the uniform width to use instead when one measures lower (else None), with the measurements."""
+    from mixq.kvcache import uniform_config
+    from mixq.kvcache.sensitivity import evaluate
+
+    budget = cfg["allocation"]["budget_bytes_per_token"]
+    mixed = evaluate(lm, cfg, tokens)["kl_mean"]
+    winner, best, tried = None, mixed, {}
+    for b in cands:
+        u = uniform_config(lm, b, group_size=group_size) if b != 16 else None
+        if u is None or u["bytes_per_token"] > budget:
+            continue
+        kl = evaluate(lm, u, tokens)["kl_mean"]
+        tried[str(b)] = float(f"{kl:.6g}")
+        if kl < best:
+            winner, best = b, kl
+    return winner, {"calibration_kl_mixed": float(f"{mixed:.6g}"), "calibration_kl_uniform": tried,
+                    "applied": winner is not None}
+
+
+def plan_refined(lm, sens: dict, layout: list[dict], identity: dict, tokens, *, target_bits: float,
+                 candidates: list[int], group_size: int) -> dict:
+    """plan_config, then `refine` on the calibration `tokens`: the config build_kv_config ships."""
+    cfg = plan_config(lm, sens, layout, identity, target_bits=target_bits, candidates=candidates,
+                      group_size=group_size)
+    winner, note = refine(lm, cfg, tokens, candidates, group_size)
+    if winner is None:
+        return {**cfg, "refinement": note}
+    from mixq.kvcache.policy import uniform
+
+    return plan_config(lm, sens, layout, identity, target_bits=target_bits, candidates=candidates,
+                       group_size=group_size, bits_override=uniform(layout, winner), extra={"refinement": note})
 
 
 def build_kv_config(model, *, target_bits: float, candidates=DEFAULT_CANDIDATES, group_size: int = 64,
@@ -90,7 +132,8 @@ def build_kv_config(model, *, target_bits: float, candidates=DEFAULT_CANDIDATES,
     tokens, source = text_windows(lm.tokenizer, n_samples=samples, seq_len=seq_len, split="train", corpus_dir=corpus)
     sens = measure(lm.model, layout, tokens, cands, group_size=group_size, progress=progress)
     sens["calibration"] = source
-    cfg = plan_config(lm, sens, layout, identity, target_bits=target_bits, candidates=cands, group_size=group_size)
+    cfg = plan_refined(lm, sens, layout, identity, tokens, target_bits=target_bits, candidates=cands,
+                       group_size=group_size)
     held, held_source = text_windows(lm.tokenizer, n_samples=heldout_samples or samples, seq_len=seq_len,
                                      split="heldout", corpus_dir=corpus)
     cfg["measured_kl"] = {**evaluate(lm, cfg, held), "split": "heldout", "corpus": held_source["corpus"]}
