@@ -68,13 +68,10 @@ def _fixture(kind: str) -> Path:
 
 
 def read_config(path: Path) -> dict:
+    from mixq.core.jsonfile import read_json
+
     cfg = path / "config.json"
-    if not cfg.is_file():
-        raise MixqError(f"{path}: no config.json")
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MixqError(f"{cfg}: not valid JSON ({e})") from e
+    config = read_json(cfg, missing=f"{path}: no config.json")
     if not isinstance(config, dict):
         raise MixqError(f"{cfg}: expected a JSON object")
     if "model_type" not in config:

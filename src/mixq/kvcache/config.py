@@ -162,13 +162,9 @@ def load(source: Any) -> dict:
     path = Path(source)
     if path.is_dir():
         path = path / "kv_config.json"
-    if not path.is_file():
-        raise MixqError(f"{source}: no such kv config file")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MixqError(f"{path}: not valid JSON ({e})") from e
-    return validate(cfg, str(path))
+    from mixq.core.jsonfile import read_json
+
+    return validate(read_json(path, missing=f"{source}: no such kv config file"), str(path))
 
 
 def save(cfg: dict, path: str | os.PathLike) -> Path:
