@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from mixq.core.formats import Format
 from mixq.quant.apply import fake_quantized
+from mixq.quant.sensitivity import _round
 
 
-def _round(x: float) -> float:
-    return float(f"{x:.6g}")
 
 
 class Evaluator:

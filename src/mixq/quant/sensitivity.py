@@ -42,7 +42,7 @@ class _Start:
     block: int = 0
 
 
-def _start_for(t: TensorInfo, runner: BlockRunner) -> _Start:
+def _start_for(t: TensorInfo) -> _Start:
     if t.layer is not None:
         return _Start("block", t.layer)
     if t.module == "lm_head":
@@ -135,7 +135,7 @@ def measure(model, anatomy: Anatomy, tokens, candidates: list[Format], *, key: d
         original = getattr(module, name)
         src = getattr(mx, (source_dtypes or {}).get(t.path, t.dtype))
         w_src = original.astype(src)
-        start = _start_for(t, runner)
+        start = _start_for(t)
         costs: dict[str, float] = {}
         for f in candidates:
             if f.mode == "float":

@@ -21,6 +21,16 @@ DOC_CHARS = 4000
 _HEADER = re.compile(r"^=== mixq-heldout (\S+)(?: [^\n]*)? ===$", re.M)
 
 
+def task_data(opts, limit):
+    """The text tasks' samples: one document each, the first `limit` of them."""
+    from mixq.eval.registry import TaskData
+
+    docs, source, files, shipped = documents(opts)
+    picked = docs[:limit] if limit else docs
+    return TaskData([{"id": i, "text": t} for i, t in picked], source, files, total=len(docs),
+                    sample_data=shipped)
+
+
 def chunk_lines(text: str, target: int = DOC_CHARS) -> list[str]:
     """Cut at a blank line once `target` characters are reached (at any line end past 2x target)."""
     out, cur, size = [], [], 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from mixq.eval.registry import Task, TaskData, register
+from mixq.eval.registry import Task, register
 from mixq.eval.tasks import _text
 
 DEFAULT_SEQ_LEN = 256
@@ -40,10 +40,7 @@ class KL(Task):
         return {"seq_len": self._seq(opts)}
 
     def load(self, opts, limit):
-        docs, source, files, shipped = _text.documents(opts)
-        picked = docs[:limit] if limit else docs
-        return TaskData([{"id": i, "text": t} for i, t in picked], source, files, total=len(docs),
-                        sample_data=shipped)
+        return _text.task_data(opts, limit)
 
     def process(self, samples, ctx):
         import mlx.core as mx

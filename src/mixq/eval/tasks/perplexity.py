@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 
-from mixq.eval.registry import Task, TaskData, register
+from mixq.eval.registry import Task, register
 from mixq.eval.tasks import _text
 
 DEFAULT_SEQ_LEN = 512
@@ -67,10 +67,7 @@ class Perplexity(Task):
         return {"seq_len": s, "overlap": s // 2}
 
     def load(self, opts, limit):
-        docs, source, files, shipped = _text.documents(opts)
-        picked = docs[:limit] if limit else docs
-        return TaskData([{"id": i, "text": t} for i, t in picked], source, files, total=len(docs),
-                        sample_data=shipped)
+        return _text.task_data(opts, limit)
 
     def process(self, samples, ctx):
         be = ctx.backend
