@@ -9,8 +9,12 @@ dynamic_quant's CLI fetches data from the hub, so its functions are called with 
 calibration windows mixq uses: estimate_sensitivities on the float32 model (CPU), estimate_threshold on
 the model in its stored dtype (so its bits-per-weight accounting is the real one).
 
+mixq rounds affine formats with GPTQ by default (as `mixq convert` does); `--rounding rtn` measures
+mixq's allocation alone with mlx's round-to-nearest. The "rounding only" line applies mixq's GPTQ to the
+uniform 4:64 layout, to show how much of the gain is rounding and how much allocation.
+
 Usage: python benchmarks/convert_vs_peers.py [--models demo demo-moe] [--samples 16] [--seq-len 256]
-       [--candidates all|default|SPEC]
+       [--candidates all|default|SPEC] [--rounding gptq|rtn]
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import mlx.core as mx
 from mixq.core.anatomy import describe
 from mixq.core.formats import DEFAULT_CANDIDATES, Format, parse_candidates
 from mixq.core.modelio import load
-from mixq.quant import calibration
+from mixq.quant import calibration, hessian
 from mixq.quant.evaluate import Evaluator
+from mixq.quant.gptq import RTN, Rounding
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
 from mixq.quant.sensitivity import candidate_items, measure
 
@@ -80,8 +85,15 @@ def run_model(name: str, args) -> dict:
     cands = list(DEFAULT_CANDIDATES) if args.candidates == "default" else parse_candidates(args.candidates)
     if Format("float") not in cands:
         cands.append(Format("float"))
+    t0 = time.perf_counter()
+    rounding = RTN
+    if args.rounding == "gptq":
+        paths = [t.path for t in candidate_items(anatomy)]
+        rounding = Rounding(hessian.collect(lm.model, anatomy, win.tokens, paths, progress=False),
+                            settings=hessian.settings())
+    hess_s = time.perf_counter() - t0
     sens = measure(lm.model, anatomy, win.tokens, cands, key={"bench": name},
-                   source_dtypes=lm.source_dtypes, progress=False)
+                   source_dtypes=lm.source_dtypes, rounding=rounding, progress=False)
     naive_s = naive_sweep_seconds(lm, anatomy, win.tokens)
     ev = Evaluator(lm.model, held.tokens, lm.source_dtypes)
 
@@ -96,13 +108,15 @@ def run_model(name: str, args) -> dict:
     for peer, fmts in peers.items():
         target = bpw(fmts)
         plan = make_plan(anatomy, sens, cands, target, lm.source_dtypes)
-        p, m = ev.measure(fmts), ev.measure(plan_formats(plan))
+        p, m = ev.measure(fmts), ev.measure(plan_formats(plan), rounding=rounding)
         rows.append({"peer": peer, "peer_bpw": target, "peer_kl": p["kl_mean"], "peer_p99": p["kl_p99"],
                      "mixq_bpw": plan["achieved_bpw"], "mixq_kl": m["kl_mean"], "mixq_p99": m["kl_p99"],
                      "ratio": m["kl_mean"] / p["kl_mean"], "peer_top1": p["top1"], "mixq_top1": m["top1"]})
+    only = ev.measure(peers["uniform 4:64"], rounding=rounding)["kl_mean"] if rounding is not RTN else None
     c = sens["cost"]
     return {"model": name, "params": params, "rows": rows, "float_ppl": ev.measure(None)["float_ppl"],
-            "sensitivity": {**c, "naive_seconds_est": round(naive_s * c["measurements"], 1),
+            "rounding": rounding.settings(), "rounding_only_4_64_kl": only,
+            "sensitivity": {**c, "hessian_seconds": round(hess_s, 1), "naive_seconds_est": round(naive_s * c["measurements"], 1),
                             "dynamic_quant_seconds": round(dq_s, 1)}}
 
 
@@ -114,6 +128,8 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--candidates", default="all",
                     help="mixq candidate formats (default: all; 'default' for convert's default set)")
+    ap.add_argument("--rounding", choices=("gptq", "rtn"), default="gptq",
+                    help="how mixq rounds affine formats (default gptq, as mixq convert)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     results = [run_model(m, args) for m in args.models]
@@ -122,13 +138,19 @@ def main() -> int:
         print(f"\n== {r['model']}  ({r['params'] / 1e6:.2f}M params, float held-out ppl {r['float_ppl']:.3f})")
         print(f"sensitivity pass: {s['measurements']} measurements, {s['block_forwards']} block-forwards vs "
               f"{s['naive_block_forwards']} for a naive sweep (x{s['naive_block_forwards'] / s['block_forwards']:.2f}); "
-              f"{s['seconds']} s vs ~{s['naive_seconds_est']} s naive (extrapolated from 8 timed)")
+              f"{s['seconds']} s vs ~{s['naive_seconds_est']} s naive (extrapolated from 8 timed); "
+              f"hessians {s['hessian_seconds']} s; rounding {r['rounding']['method']}")
         print(f"{'peer':<14} {'bpw':>6} {'KL mean':>9} {'KL p99':>8} {'top1':>6} | {'mixq bpw':>8} {'KL mean':>9} "
               f"{'KL p99':>8} {'top1':>6} | {'mixq/peer KL':>12}")
         for x in r["rows"]:
             print(f"{x['peer']:<14} {x['peer_bpw']:>6.3f} {x['peer_kl']:>9.5f} {x['peer_p99']:>8.4f} {x['peer_top1']:>6.3f} | "
                   f"{x['mixq_bpw']:>8.3f} {x['mixq_kl']:>9.5f} {x['mixq_p99']:>8.4f} {x['mixq_top1']:>6.3f} | "
                   f"{x['ratio']:>12.3f}")
+        if r["rounding_only_4_64_kl"] is not None:
+            base = r["rows"][0]
+            print(f"rounding only (uniform 4:64 layout, mixq's GPTQ): KL {r['rounding_only_4_64_kl']:.5f} "
+                  f"= {r['rounding_only_4_64_kl'] / base['peer_kl']:.3f}x uniform 4:64; "
+                  f"+ allocation: {base['ratio']:.3f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -106,14 +106,18 @@ def run_model(name: str, args) -> dict:
                 rows[key]["held"] += kv_bytes(caches)
                 rows[key]["tokens"] += x.shape[1]
         table = {}
+        kl_u4 = np.concatenate(rows["uniform 4-bit"]["kl"])
         for key, r in rows.items():
             kl = np.concatenate(r["kl"])
+            diff = kl - kl_u4  # paired by position: the routing-flip noise both share cancels
             table[key] = {"bits": round(8 * served[key] / elements, 3), "bytes_per_token": served[key],
                           "vs_uniform8": round(served[key] / served["uniform 8-bit"], 3),
                           "held_bytes_per_token": round(r["held"] / r["tokens"], 1),
                           "kl_mean": float(f"{kl.mean():.4g}"), "kl_se": float(f"{kl.std() / np.sqrt(kl.size):.2g}"),
                           "kl_p99": float(f"{np.percentile(kl, 99):.4g}"), "positions": int(kl.size),
-                          "top1": round(float(np.concatenate(r["agree"]).mean()), 4)}
+                          "top1": round(float(np.concatenate(r["agree"]).mean()), 4),
+                          "minus_uniform4": float(f"{diff.mean():.4g}"),
+                          "minus_uniform4_se": float(f"{diff.std() / np.sqrt(diff.size):.2g}")}
         results["contexts"][str(ctx)] = table
         print(f"# {name}: context {ctx} done ({time.time() - t0:.0f}s)", file=sys.stderr)
     results["seconds"] = round(time.time() - t0, 1)
@@ -131,7 +135,8 @@ def _checks(res: dict, targets) -> list[str]:
             verdict = "SAME" if same else "PASS" if ok else "FAIL"
             note = f" (the target leaves no room above uniform 4-bit, which costs {u4['bits']:g} bits here)" if same else ""
             lines.append(f"{verdict}  {res['model']} ctx {ctx} mixq @{t:g}: KL {m['kl_mean']:.3g} "
-                         f"± {m['kl_se']:.2g} vs uniform 4-bit {u4['kl_mean']:.3g} ± {u4['kl_se']:.2g}; "
+                         f"± {m['kl_se']:.2g} vs uniform 4-bit {u4['kl_mean']:.3g} ± {u4['kl_se']:.2g} "
+                         f"(paired difference {m['minus_uniform4']:.3g} ± {m['minus_uniform4_se']:.2g}); "
                          f"bytes {m['vs_uniform8']:.3f}x uniform 8-bit (<= 0.75){note}")
     return lines
 
@@ -141,10 +146,10 @@ def main() -> int:
     ap.add_argument("--models", default="demo,demo-moe")
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--continuation", type=int, default=128, help="scored tokens after each context (default 128)")
-    ap.add_argument("--samples", type=int, default=16, help="held-out windows per context (default 16)")
+    ap.add_argument("--samples", type=int, default=32, help="held-out windows per context (default 32)")
     ap.add_argument("--targets", default="5,6")
     ap.add_argument("--uniform", default="8,4", help="uniform widths to compare (8 and 4 always)")
-    ap.add_argument("--candidates", default="4,5,6,8")
+    ap.add_argument("--candidates", default="3,4,5,6,8")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=512)
@@ -173,12 +178,12 @@ def main() -> int:
                 bits = " ".join(f"L{l['layer']}:K{l['k_bits']}/V{l['v_bits']}" for l in c["layers"])
                 print(f"  {key}: {bits}  (achieved {c['achieved_bits']:.3f} bits, predicted KL {c['predicted_kl']:.3g})")
         print(f"{'context':>7}  {'cache':<14} {'bits':>6} {'B/tok':>7} {'x q8':>6} {'held':>7}  "
-              f"{'KL mean':>9} {'± se':>8} {'KL p99':>9} {'top1':>6}")
+              f"{'KL mean':>9} {'± se':>8} {'KL p99':>9} {'top1':>6}  {'- u4 (paired)':>19}")
         for ctx, table in res["contexts"].items():
             for key, r in table.items():
                 print(f"{ctx:>7}  {key:<14} {r['bits']:>6.2f} {r['bytes_per_token']:>7} {r['vs_uniform8']:>6.3f} "
                       f"{r['held_bytes_per_token']:>7.0f}  {r['kl_mean']:>9.3g} {r['kl_se']:>8.2g} {r['kl_p99']:>9.3g} "
-                      f"{r['top1']:>6.3f}")
+                      f"{r['top1']:>6.3f}  {r['minus_uniform4']:>9.3g} ± {r['minus_uniform4_se']:<8.2g}")
     print()
     for line in checks:
         print(line)

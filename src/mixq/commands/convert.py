@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounding", choices=("gptq", "rtn"), default="gptq",
+                   help="how weights are rounded to affine formats: gptq (error-compensating, against "
+                        "calibration second moments; default) or rtn (round to nearest, like mlx-lm)")
     p.add_argument("--sensitivity", help="reuse a sensitivity.json measured with the same settings")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -40,6 +43,7 @@ def run(args) -> int:
     opts = ConvertOptions(
         model=args.model, out=args.out, target_bpw=args.target_bpw, candidates=args.candidates,
         calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        rounding=args.rounding,
         sensitivity=args.sensitivity, force=args.force, progress=not (args.quiet or args.json),
         command=["mixq", "convert", *sys.argv[2:]] if sys.argv[1:2] == ["convert"] else [],
     )

@@ -12,8 +12,8 @@ def add_arguments(p) -> None:
     p.add_argument("-o", "--output", help="where to write the config (default MODEL/kv_config.json)")
     p.add_argument("--target-bits", type=float, default=5.0,
                    help="ceiling on the average bits per cached K/V value, group scales included (default 5.0)")
-    p.add_argument("--candidates", default="4,5,6,8",
-                   help="bit widths to choose from, comma-separated; 16 = keep float (default 4,5,6,8)")
+    p.add_argument("--candidates", default="3,4,5,6,8",
+                   help="bit widths to choose from, comma-separated; 16 = keep float (default 3,4,5,6,8)")
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128),
                    help="quantization group size (smaller where head_dim needs it; default 64)")
     p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")

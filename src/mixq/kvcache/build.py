@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mixq.core.errors import MixqError
 
-DEFAULT_CANDIDATES = (4, 5, 6, 8)
+DEFAULT_CANDIDATES = (3, 4, 5, 6, 8)
 
 
 def parse_candidates(text) -> list[int]:

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mixq.core.errors import MixqError
-from mixq.core.formats import Format, quantize_dequantize
+from mixq.core.formats import Format
+from mixq.quant.gptq import RTN, Rounding
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json",
@@ -27,7 +28,7 @@ def _param(modules: dict, path: str):
 
 
 @contextmanager
-def fake_quantized(model, formats: dict[str, Format], source_dtypes: dict):
+def fake_quantized(model, formats: dict[str, Format], source_dtypes: dict, rounding: Rounding = RTN):
     """Within the block, each tensor in `formats` holds its quantize->dequantize value (compute dtype)."""
     import mlx.core as mx
 
@@ -41,7 +42,7 @@ def fake_quantized(model, formats: dict[str, Format], source_dtypes: dict):
             w = getattr(module, name)
             saved[path] = w
             src = getattr(mx, source_dtypes.get(path, str(w.dtype).rsplit(".", 1)[-1]))
-            setattr(module, name, quantize_dequantize(w.astype(src), fmt).astype(w.dtype))
+            setattr(module, name, rounding.qdq(path, w.astype(src), fmt, keep=True).astype(w.dtype))
         mx.eval(model.parameters())
         yield model
     finally:
@@ -50,8 +51,12 @@ def fake_quantized(model, formats: dict[str, Format], source_dtypes: dict):
             setattr(module, name, w)
 
 
-def quantize_in_place(model, config: dict, plan: dict) -> dict:
-    """Quantize `model` (stored dtypes) as planned; returns the config with per-path quantization."""
+def quantize_in_place(model, config: dict, plan: dict, rounding: Rounding = RTN) -> dict:
+    """Quantize `model` (stored dtypes) as planned; returns the config with per-path quantization.
+
+    mlx's `nn.quantize` builds the quantized layers (round-to-nearest); tensors the plan rounds with GPTQ
+    then get their packed weight, scales and biases replaced by the GPTQ solution, same shapes and dtypes.
+    """
     import mlx.nn as nn
 
     entries = {}
@@ -63,7 +68,25 @@ def quantize_in_place(model, config: dict, plan: dict) -> dict:
     def predicate(path, module):
         return entries.get(path, False)
 
+    modules = dict(model.named_modules())
+    originals = {}
+    for path, e in plan["tensors"].items():
+        fmt = Format.parse(e["format"])
+        if e.get("rounding") == "gptq":
+            if not rounding.uses_gptq(path, fmt):
+                raise MixqError(f"{path}: the plan rounds it with GPTQ but no Hessian was collected for it")
+            module, name = _param(modules, path)
+            originals[path] = getattr(module, name)
     nn.quantize(model, group_size=64, bits=4, mode="affine", class_predicate=predicate)
+    modules = dict(model.named_modules())
+    for path, w in originals.items():
+        fmt = Format.parse(plan["tensors"][path]["format"])
+        wq, scales, biases = rounding.quantized(path, w, fmt)
+        module, _ = _param(modules, path)
+        if module.weight.shape != wq.shape or module.scales.shape != scales.shape:
+            raise MixqError(f"{path}: GPTQ arrays do not match the quantized layer's shapes")
+        module.weight, module.scales, module.biases = wq, scales.astype(module.scales.dtype), \
+            biases.astype(module.biases.dtype)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     quant = {"group_size": 64, "bits": 4, "mode": "affine", **dict(sorted(entries.items()))}
     config["quantization"] = quant

@@ -22,9 +22,10 @@ from mixq.core.anatomy import describe
 from mixq.core.errors import MixqError
 from mixq.core.formats import DEFAULT_CANDIDATES, Format, parse_candidates, tensor_bytes
 from mixq.core.modelio import check_finite, fingerprint, load
-from mixq.quant import calibration
+from mixq.quant import calibration, hessian
 from mixq.quant.apply import quantize_in_place, verify, write_model
 from mixq.quant.evaluate import Evaluator
+from mixq.quant.gptq import RTN, Rounding
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
 from mixq.quant.sensitivity import METHOD, candidate_items, load_sensitivity, measure
 
@@ -43,6 +44,7 @@ class ConvertOptions:
     seed: int = 0
     sensitivity: str | None = None
     heldout_samples: int = 32
+    rounding: str = "gptq"
     force: bool = False
     progress: bool = True
     command: list[str] = field(default_factory=list)
@@ -89,8 +91,17 @@ def convert(opts: ConvertOptions) -> dict:
         raise MixqError(f"{opts.model} is already quantized; convert from the float model")
     windows = calibration.make_windows(docs, lm.tokenizer, n_samples=opts.samples, seq_len=opts.seq_len,
                                        seed=opts.seed)
+    if opts.rounding not in ("gptq", "rtn"):
+        raise MixqError(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
+    rounding = RTN
+    t0 = time.perf_counter()
+    if opts.rounding == "gptq":
+        paths = [t.path for t in candidate_items(anatomy)]
+        rounding = Rounding(hessian.collect(lm.model, anatomy, windows.tokens, paths, seed=opts.seed,
+                                            progress=opts.progress), settings=hessian.settings())
+    t_hess = time.perf_counter() - t0
     key = {
-        "method": METHOD, "model": fingerprint(lm.path), "candidates": [str(c) for c in candidates],
+        "method": METHOD, "rounding": rounding.settings(), "model": fingerprint(lm.path), "candidates": [str(c) for c in candidates],
         "calibration_sha256": windows.sha256, "samples": opts.samples, "seq_len": opts.seq_len,
         "seed": opts.seed, "compute_dtype": "float32",
     }
@@ -105,7 +116,7 @@ def convert(opts: ConvertOptions) -> dict:
         _log(opts, f"sensitivity: {n_items} tensors x {len(candidates)} candidates "
                    f"on {opts.samples} x {opts.seq_len} calibration tokens")
         sens = measure(lm.model, anatomy, windows.tokens, candidates, key=key, source_dtypes=lm.source_dtypes,
-                       partial=work / "sensitivity.partial.jsonl", progress=opts.progress)
+                       rounding=rounding, partial=work / "sensitivity.partial.jsonl", progress=opts.progress)
     t_sens = time.perf_counter() - t0
 
     plan = make_plan(anatomy, sens, candidates, opts.target_bpw, lm.source_dtypes)
@@ -114,14 +125,14 @@ def convert(opts: ConvertOptions) -> dict:
     # end to end: calibration (predicted vs measured) and held-out (reported)
     _log(opts, "measuring the plan end to end")
     calib_eval = Evaluator(lm.model, windows.tokens, lm.source_dtypes)
-    mixq_calib = calib_eval.measure(plan_formats(plan), desc=_desc(opts, "plan on calibration"))
+    mixq_calib = calib_eval.measure(plan_formats(plan), desc=_desc(opts, "plan on calibration"), rounding=rounding)
     refinement = {"applied": False}
     best_name, best_fmts, best_kl = None, None, mixq_calib["kl_mean"]
     for spec in [c for c in candidates if c.is_quantized]:
         fmts, _ = uniform_formats(anatomy, spec)
         if plan_bytes(anatomy, lm.source_dtypes, fmts) * 8 / params > opts.target_bpw:
             continue
-        kl = calib_eval.measure(fmts, desc=_desc(opts, f"uniform {spec} on calibration"))["kl_mean"]
+        kl = calib_eval.measure(fmts, desc=_desc(opts, f"uniform {spec} on calibration"), rounding=rounding)["kl_mean"]
         if kl < best_kl:
             best_name, best_fmts, best_kl = f"uniform {spec}", fmts, kl
     if best_name is not None:
@@ -134,13 +145,13 @@ def convert(opts: ConvertOptions) -> dict:
         plan["total_bytes"] = plan_bytes(anatomy, lm.source_dtypes, best_fmts)
         plan["achieved_bpw"] = plan["total_bytes"] * 8 / params
         plan["predicted_kl"] = sum(float(e["sensitivity"].get(e["format"], "nan")) for e in plan["tensors"].values())
-        mixq_calib = calib_eval.measure(plan_formats(plan))
+        mixq_calib = calib_eval.measure(plan_formats(plan), rounding=rounding)
     del calib_eval
 
     held = calibration.heldout_windows(lm.tokenizer, n_samples=opts.heldout_samples, seq_len=opts.seq_len)
     ev = Evaluator(lm.model, held.tokens, lm.source_dtypes)
     rows = [{"name": "mixq", "bpw": plan["achieved_bpw"], "bytes": plan["total_bytes"],
-             **ev.measure(plan_formats(plan), desc=_desc(opts, "held-out: mixq"))}]
+             **ev.measure(plan_formats(plan), desc=_desc(opts, "held-out: mixq"), rounding=rounding)}]
     for b in BASELINES:
         if b.startswith("mixed_"):
             fmts = recipe_formats(anatomy, lm.model, b)
@@ -152,7 +163,10 @@ def convert(opts: ConvertOptions) -> dict:
                      "bytes": nbytes, "float_fallbacks": len(fell), **ev.measure(fmts, desc=_desc(opts, f"held-out: {b}"))})
     del ev
 
+    for path, e in plan["tensors"].items():
+        e["rounding"] = rounding.name_for(path, Format.parse(e["format"]))
     plan.update({
+        "rounding": rounding.settings(),
         "model": {"name": str(opts.model), "fingerprint": key["model"], "model_type": anatomy.model_type,
                   "pattern": anatomy.pattern},
         "calibration": {**windows.to_dict(), "source": opts.calibration or "built-in"},
@@ -172,7 +186,7 @@ def convert(opts: ConvertOptions) -> dict:
         shutil.rmtree(tmp)
     try:
         src = load(opts.model, compute_dtype=None)
-        config = quantize_in_place(src.model, src.config, plan)
+        config = quantize_in_place(src.model, src.config, plan, rounding)
         write_model(src.model, config, src.path, tmp)
         del src
         _dump(plan, tmp / "mixq" / "plan.json")
@@ -185,7 +199,7 @@ def convert(opts: ConvertOptions) -> dict:
                                                               "predicted_kl", "measured_kl_calibration")},
             "comparison": rows, "verify": check, "sensitivity_cost": sens["cost"],
             "refinement": refinement, "allocation": plan["allocation"],
-            "seconds": {"sensitivity": round(t_sens, 1), "total": round(time.perf_counter() - t_start, 1)},
+            "seconds": {"hessians": round(t_hess, 1), "sensitivity": round(t_sens, 1), "total": round(time.perf_counter() - t_start, 1)},
         }
         _dump(report, tmp / "mixq" / "report.json")
         if out.exists():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mixq.core.formats import Format
 from mixq.quant.apply import fake_quantized
+from mixq.quant.gptq import RTN, Rounding
 from mixq.quant.sensitivity import _round
 
 
@@ -24,8 +25,11 @@ class Evaluator:
             mx.eval(logits)
             self.ref.append(logits)
 
-    def measure(self, formats: dict[str, Format] | None, desc: str | None = None) -> dict:
-        """KL mean / p99 / max, top-1 agreement and perplexity of the model under `formats`."""
+    def measure(self, formats: dict[str, Format] | None, desc: str | None = None,
+                rounding: Rounding = RTN) -> dict:
+        """KL mean / p99 / max, top-1 agreement and perplexity of the model under `formats`.
+
+        `rounding` RTN is what mlx-lm writes (the baselines); mixq's plans pass the convert's rounding."""
         import mlx.core as mx
         import numpy as np
         from tqdm import tqdm
@@ -33,7 +37,7 @@ class Evaluator:
         from mixq.core.metrics import kl_per_token, summarize, token_nll
 
         kls, same, nll_q, nll_ref = [], [], [], []
-        with fake_quantized(self.model, formats or {}, self.source_dtypes):
+        with fake_quantized(self.model, formats or {}, self.source_dtypes, rounding):
             starts = list(range(0, self.tokens.shape[0], self.bs))
             for bi, s in enumerate(tqdm(starts, desc=desc, disable=desc is None, leave=False)):
                 x, ref = self.tokens[s:s + self.bs], self.ref[bi]

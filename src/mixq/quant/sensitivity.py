@@ -20,10 +20,11 @@ from pathlib import Path
 
 from mixq.core.anatomy import Anatomy, TensorInfo
 from mixq.core.errors import MixqError
-from mixq.core.formats import Format, applicable, quantize_dequantize
+from mixq.core.formats import Format, applicable
 from mixq.core.forward import BlockRunner
+from mixq.quant.gptq import RTN, Rounding
 
-METHOD = "kl-blockwise-v1"
+METHOD = "kl-blockwise-v2"
 
 
 def candidate_items(anatomy: Anatomy) -> list[TensorInfo]:
@@ -89,13 +90,14 @@ class _Partial:
 
 
 def measure(model, anatomy: Anatomy, tokens, candidates: list[Format], *, key: dict,
-            source_dtypes: dict | None = None, batch_size: int = 8,
+            source_dtypes: dict | None = None, rounding: Rounding = RTN, batch_size: int = 8,
             partial: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Sensitivity of every candidate tensor to every applicable candidate format (see module doc).
 
     `tokens` is an (n, L) int32 array of calibration windows; `key` identifies every setting that affects
     the numbers and is stored with them. `source_dtypes` (path -> stored dtype) makes the fake quant
-    round scales/biases as the written model will; default: the loaded dtype. Returns sensitivity.json.
+    round scales/biases as the written model will; default: the loaded dtype. `rounding` is how a weight is
+    rounded to each format (GPTQ where it has a Hessian); its settings belong in `key`. Returns sensitivity.json.
     """
     import mlx.core as mx
     from tqdm import tqdm
@@ -143,7 +145,7 @@ def measure(model, anatomy: Anatomy, tokens, candidates: list[Format], *, key: d
                 continue
             if not applicable(t.shape, f):
                 continue
-            setattr(module, name, quantize_dequantize(w_src, f).astype(original.dtype))
+            setattr(module, name, rounding.qdq(t.path, w_src, f).astype(original.dtype))
             acc = 0.0
             for b in batches:
                 if start.kind == "head":

@@ -375,7 +375,8 @@ def _provenance(s: Sources, base: dict) -> list[str]:
                                 f"sha256 `{cal.get('sha256')}`"],
                 ["held-out text", f"{held.get('source')}: {held.get('n')} x {held.get('seq_len')} tokens, "
                                   f"sha256 `{held.get('sha256')}`"],
-                ["sensitivity method", f"`{plan.get('sensitivity_key', {}).get('method')}`"]]
+                ["sensitivity method", f"`{plan.get('sensitivity_key', {}).get('method')}`"],
+                ["rounding", f"`{plan.get('rounding', {}).get('method', 'rtn')}`"]]
         rows += [[f"convert: {k}", v] for k, v in sorted(plan.get("versions", {}).items())]
     else:
         rows = []
