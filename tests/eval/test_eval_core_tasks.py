@@ -6,7 +6,8 @@ import pytest
 
 from mixq.eval import registry
 from mixq.eval.cache import ResultCache
-from mixq.eval.datafiles import stratified
+from mixq.core.errors import MixqError
+from mixq.eval.datafiles import parse_jsonl, stratified
 from mixq.eval.table import THRESHOLDS, capability, verdict
 from mixq.eval.tasks import _text
 from mixq.eval.tasks.hashhop import make_sample, normalize
@@ -65,6 +66,29 @@ def test_heldout_documents_interleave_sections():
     first = {d[0].rsplit("-", 1)[0] for d in docs[:5]}
     assert first == {"en_botchan", "en_devils_dictionary", "en_kjv", "en_pydocs_slice", "ja_wagahai"}
     assert len({d[0] for d in docs}) == len(docs)
+
+
+def test_text_file_reads_like_a_text_mode_read(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes("\ufeffone\r\ntwo\rthree\n".encode("utf-8"))
+
+    class O:
+        text, data_dir = str(p), None
+
+    docs, source, files, _ = _text.documents(O())
+    assert docs == [("doc-0", "one\ntwo\nthree")] and source == str(p)
+    O.text = str(tmp_path / "missing.txt")
+    with pytest.raises(MixqError, match="no such file"):
+        _text.documents(O())
+
+
+def test_jsonl_errors_name_the_line():
+    assert parse_jsonl('{"a": 1}\n\n{"b": 2}\n', "f") == [{"a": 1}, {"b": 2}]
+    assert parse_jsonl('[{"a": 1}]', "f") == [{"a": 1}]  # one JSON array: accepted too
+    with pytest.raises(MixqError, match=r"^f: line 2: not valid JSON \("):
+        parse_jsonl('{"a": 1}\n{oops\n', "f")
+    with pytest.raises(MixqError, match=r"^f: line 2: expected a JSON object$"):
+        parse_jsonl("{}\n[1]\n", "f")
 
 
 def test_hashhop_chains_are_consistent():

@@ -12,7 +12,7 @@ from mlx_lm.utils import compute_bits_per_weight
 
 from mixq.core.anatomy import describe
 from mixq.core.errors import MixqError
-from mixq.core.formats import Format, parse_candidates
+from mixq.core.formats import Format, parse_candidates, quantize_dequantize
 from mixq.core.modelio import load
 from mixq.quant.apply import verify
 from mixq.quant.convert import ConvertOptions, convert
@@ -165,11 +165,17 @@ def test_written_weights_are_what_was_measured(converted, nemotron_moe):
     ev = Evaluator(lm.model, held.tokens, lm.source_dtypes)  # float reference taken now
     qmods = dict(lm_load(str(out), lazy=True)[0].named_modules())
     mods = dict(lm.model.named_modules())
-    for e in plan["tensors"].values():
-        if Format.parse(e["format"]).is_quantized:
+    for path, e in plan["tensors"].items():
+        fmt = Format.parse(e["format"])
+        if fmt.is_quantized:
             q = qmods[e["module"]]
-            mods[e["module"]].weight = mx.dequantize(q.weight, q.scales, getattr(q, "biases", None), group_size=q.group_size,
-                                                     bits=q.bits, mode=q.mode, dtype=mx.float32)
+            written = mx.dequantize(q.weight, q.scales, getattr(q, "biases", None), group_size=q.group_size,
+                                    bits=q.bits, mode=q.mode, dtype=mx.float32)
+            # the label is the truth: "rtn" tensors are exactly mlx's rounding, "gptq" ones are not
+            src = mods[e["module"]].weight.astype(getattr(mx, lm.source_dtypes[path]))
+            same = mx.array_equal(written, quantize_dequantize(src, fmt)).item()
+            assert same == (e["rounding"] == "rtn"), (path, e["rounding"])
+            mods[e["module"]].weight = written
     got = ev.measure(None)
     assert got["kl_mean"] == pytest.approx(plan["measured_heldout"]["kl_mean"], rel=1e-3, abs=1e-7)
     assert got["kl_mean"] > 0

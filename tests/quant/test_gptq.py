@@ -145,3 +145,17 @@ def test_gptq_lowers_kl_of_the_output_layer(nemotron_dense):
 
     src = w.astype(mx.bfloat16)
     assert kl(Rounding(H).qdq("lm_head.weight", src, fmt)) < 0.9 * kl(quantize_dequantize(src, fmt))
+
+
+def test_tied_embedding_gets_both_roles(qwen3):
+    """A tied embedding is both a lookup table and the output layer: its H carries both second moments."""
+    lm = load(qwen3)
+    a = describe(lm.model, lm.config)
+    assert BlockRunner(lm.model).tied
+    tokens = mx.array(np.random.default_rng(0).integers(1, 200, size=(2, 16)).astype(np.int32))
+    paths = [t.path for t in candidate_items(a)]
+    H = hessian.collect(lm.model, a, tokens, paths, progress=False)
+    emb = "model.embed_tokens.weight"
+    assert emb in H and H[emb].shape == (a.tensor(emb).shape[1],) * 2
+    assert np.trace(H[emb].astype(np.float64)) == pytest.approx(2.0, rel=1e-4)  # two trace-normalised parts
+    assert any(t.startswith("model.layers.0.") for t in H)

@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 from mixq.core.errors import MixqError
+from mixq.core.textdata import decode_utf8, json_lines
 
 SHIPPED = Path(__file__).resolve().parent / "data"
 HF = "hf"
@@ -56,10 +57,7 @@ class Source:
         self.hashes[str(p.relative_to(self.root))] = hashlib.sha256(raw).hexdigest()
         if p.suffix == ".gz":
             raw = gzip.decompress(raw)
-        try:
-            return raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise MixqError(f"{p}: not UTF-8 (invalid byte at offset {e.start})") from None
+        return decode_utf8(raw, p)
 
     def jsonl(self, name: str, alternatives: tuple[str, ...] = ()) -> list[dict]:
         return parse_jsonl(self.read_text(name, alternatives), str(self.root / name))
@@ -83,15 +81,9 @@ def parse_jsonl(text: str, where: str) -> list[dict]:
             raise MixqError(f"{where}: expected an array of objects")
         return data
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MixqError(f"{where}: line {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for at, obj in json_lines(text, where):
         if not isinstance(obj, dict):
-            raise MixqError(f"{where}: line {i}: expected a JSON object")
+            raise MixqError(f"{at}: expected a JSON object")
         out.append(obj)
     return out
 

@@ -122,6 +122,7 @@ class Rounding:
         self.hessians = dict(hessians or {})
         self._settings = dict(settings or {})
         self._cache: dict[tuple[str, str], tuple] = {}
+        self._fell_back: dict[tuple[str, str], bool] = {}  # every slice kept round-to-nearest
 
     @property
     def method(self) -> str:
@@ -137,9 +138,13 @@ class Rounding:
         return fmt.mode == "affine" and path in self.hessians
 
     def name_for(self, path: str, fmt: Format) -> str:
+        """How the tensor is rounded: "gptq", "rtn" (no Hessian, a microscaled format, or GPTQ measured
+        worse than round-to-nearest, known once the tensor has been rounded), or "float"."""
         if not fmt.is_quantized:
             return "float"
-        return "gptq" if self.uses_gptq(path, fmt) else "rtn"
+        if not self.uses_gptq(path, fmt) or self._fell_back.get((path, str(fmt))):
+            return "rtn"
+        return "gptq"
 
     def quantized(self, path: str, w, fmt: Format, keep: bool = True) -> tuple[Any, Any, Any]:
         """GPTQ-rounded (packed uint32 weight, scales, biases) for `w` given in its source dtype."""
@@ -165,12 +170,13 @@ class Rounding:
             D_g = Wf[e] - np.repeat(sc, fmt.group_size, 1) * q - np.repeat(b, fmt.group_size, 1)
             D_r = Wf[e] - rtn_deq[e]
             # never worse than round-to-nearest on the output error GPTQ minimises (matters at 2 bits)
-            take_rtn.append(np.einsum("ij,jk,ik->", D_g, Hf[e], D_g) > np.einsum("ij,jk,ik->", D_r, Hf[e], D_r))
+            take_rtn.append(float(np.sum((D_g @ Hf[e]) * D_g)) > float(np.sum((D_r @ Hf[e]) * D_r)))
             qs.append(q), ss.append(sc), bs.append(b)
         shape = lambda a: a.reshape(*lead, *a.shape[-2:])  # noqa: E731
         out = [mx.array(shape(pack(np.stack(qs), fmt.bits))),
                mx.array(shape(np.stack(ss)).astype(np.float32)).astype(w.dtype),
                mx.array(shape(np.stack(bs)).astype(np.float32)).astype(w.dtype)]
+        self._fell_back[key] = all(take_rtn)
         if any(take_rtn):
             pick = mx.array(np.array(take_rtn).reshape(*lead, 1, 1)) if lead else mx.array(take_rtn[0])
             out = [mx.where(pick, r.astype(o.dtype), o) for r, o in zip(rtn, out)]

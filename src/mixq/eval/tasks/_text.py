@@ -11,14 +11,12 @@ of the list (`--limit N`) covers every kind of text.
 from __future__ import annotations
 
 import hashlib
-import re
-from importlib import resources
 from pathlib import Path
 
 from mixq.core.errors import MixqError
+from mixq.core.textdata import HELDOUT_NAME, read_data_text, read_heldout_sections, read_utf8
 
 DOC_CHARS = 4000
-_HEADER = re.compile(r"^=== mixq-heldout (\S+)(?: [^\n]*)? ===$", re.M)
 
 
 def task_data(opts, limit):
@@ -45,12 +43,6 @@ def chunk_lines(text: str, target: int = DOC_CHARS) -> list[str]:
     return [d.strip("\n") for d in out if d.strip()]
 
 
-def heldout_sections(text: str) -> list[tuple[str, str]]:
-    heads = list(_HEADER.finditer(text))
-    return [(m.group(1), text[m.end() + 1: heads[i + 1].start() if i + 1 < len(heads) else len(text)])
-            for i, m in enumerate(heads)]
-
-
 def _interleave(sections: list[tuple[str, list[str]]]) -> list[tuple[str, str]]:
     out = []
     for j in range(max((len(d) for _, d in sections), default=0)):
@@ -59,12 +51,8 @@ def _interleave(sections: list[tuple[str, list[str]]]) -> list[tuple[str, str]]:
 
 
 def _read(p: Path) -> str:
-    if not p.is_file():
-        raise MixqError(f"{p}: no such file")
-    try:
-        return p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise MixqError(f"{p}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    """The file's text with line ends made "\\n" (as a text-mode read does)."""
+    return read_utf8(p).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def documents(opts) -> tuple[list[tuple[str, str]], str, dict, bool]:
@@ -80,10 +68,11 @@ def documents(opts) -> tuple[list[tuple[str, str]], str, dict, bool]:
         docs = [(f"wiki-{i}", d) for i, d in enumerate(chunk_lines(text))]
         source, files, shipped = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}, False
     else:
-        text = resources.files("mixq.data").joinpath("heldout.txt").read_text(encoding="utf-8")
-        sections = [(name, chunk_lines(body)) for name, body in heldout_sections(text)]
+        text = read_data_text(HELDOUT_NAME)
+        sections = [(name, chunk_lines(body)) for name, body in read_heldout_sections(text)]
         docs = _interleave(sections)
-        source, files, shipped = "mixq/data/heldout.txt", {"heldout.txt": hashlib.sha256(text.encode()).hexdigest()}, False
+        source, shipped = f"mixq/data/{HELDOUT_NAME}", False
+        files = {HELDOUT_NAME: hashlib.sha256(text.encode()).hexdigest()}
     if not docs:
         raise MixqError(f"{source}: no text")
     return docs, source, files, shipped
