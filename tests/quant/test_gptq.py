@@ -118,6 +118,12 @@ def test_hessians_from_the_real_layers(nemotron_moe):
     for p, h in H.items():
         mats = h.reshape(-1, *h.shape[-2:])
         assert all(np.linalg.eigvalsh(m.astype(np.float64)).min() > -1e-3 * max(np.trace(m), 1e-9) for m in mats)
+    # block Hessians are computed lazily, one block held at a time, and recomputed identically
+    blocks = {a.tensor(p).layer for p in H if a.tensor(p).layer is not None}
+    assert H.blocks_computed == len(blocks)  # the walk above visited each block once
+    first = next(p for p in H if a.tensor(p).layer is not None)
+    again = H[first].copy()
+    assert H.blocks_computed == len(blocks) + 1 and np.array_equal(again, H[first])
     sw = next(p for p in H if types[p] == "SwitchLinear")
     t = a.tensor(sw)
     assert H[sw].shape == (t.shape[0], t.shape[-1], t.shape[-1])  # one per expert

@@ -75,11 +75,12 @@ def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
     return np.eye(cols)
 
 
-def gptq_2d(W: np.ndarray, H: np.ndarray, bits: int, group: int, dtype: str):
-    """GPTQ one (rows, cols) matrix -> (q int, scales, biases) with scales/biases in `dtype` values."""
+def gptq_2d(W: np.ndarray, H: np.ndarray | None, bits: int, group: int, dtype: str, U: np.ndarray | None = None):
+    """GPTQ one (rows, cols) matrix -> (q int, scales, biases) with scales/biases in `dtype` values.
+    `U` (the upper Cholesky factor of the damped inverse of H) may be passed instead of H to reuse it."""
     W = np.array(W, dtype=np.float64, copy=True)
     rows, cols = W.shape
-    U = _inverse_cholesky(H)
+    U = _inverse_cholesky(H) if U is None else U
     maxq = float(2 ** bits - 1)
     tiny = float(np.finfo(np.float16).tiny) if dtype == "float16" else 1e-30
     q_all = np.zeros((rows, cols), dtype=np.int64)
@@ -118,11 +119,13 @@ class Rounding:
     with `keep=True` are cached, packed, so evaluating and then writing a plan solves each tensor once.
     """
 
-    def __init__(self, hessians: dict[str, np.ndarray] | None = None, settings: dict | None = None):
-        self.hessians = dict(hessians or {})
+    def __init__(self, hessians=None, settings: dict | None = None):
+        # a dict, or mixq.quant.hessian.Hessians (computed lazily per block): path -> H
+        self.hessians = hessians if hessians is not None else {}
         self._settings = dict(settings or {})
         self._cache: dict[tuple[str, str], tuple] = {}
         self._fell_back: dict[tuple[str, str], bool] = {}  # every slice kept round-to-nearest
+        self._factors: tuple[str | None, list] = (None, [])  # last path's Cholesky factors, one per slice
 
     @property
     def method(self) -> str:
@@ -157,20 +160,25 @@ class Rounding:
             raise ValueError(f"{path}: no GPTQ rounding for {fmt}")
         dtype = str(w.dtype).rsplit(".", 1)[-1]
         Wn = np.array(w.astype(mx.float32), dtype=np.float64)
-        H = np.asarray(self.hessians[path], dtype=np.float64)
         lead = Wn.shape[:-2]
         Wf = Wn.reshape(-1, *Wn.shape[-2:])   # switch experts (E, out, in) get one Hessian each
-        Hf = H.reshape(-1, *H.shape[-2:]) if H.ndim == 3 else np.broadcast_to(H, (Wf.shape[0], *H.shape))
+        H = self.hessians[path]
+        Hf = H.reshape(-1, *H.shape[-2:]) if H.ndim == 3 else H[None]
+        if self._factors[0] != path:  # every candidate format of a tensor shares them: factor once
+            self._factors = (None, [])
+            self._factors = (path, [_inverse_cholesky(Hf[min(e, len(Hf) - 1)]) for e in range(Wf.shape[0])])
+        Us = self._factors[1]
         rtn = mx.quantize(w, group_size=fmt.group_size, bits=fmt.bits, mode="affine")
         rtn_deq = np.array(mx.dequantize(*rtn, group_size=fmt.group_size, bits=fmt.bits, mode="affine",
                                          dtype=mx.float32), dtype=np.float64).reshape(Wf.shape)
         qs, ss, bs, take_rtn = [], [], [], []
         for e in range(Wf.shape[0]):
-            q, sc, b = gptq_2d(Wf[e], Hf[e], fmt.bits, fmt.group_size, dtype)
+            He = np.asarray(Hf[min(e, len(Hf) - 1)], dtype=np.float64)
+            q, sc, b = gptq_2d(Wf[e], None, fmt.bits, fmt.group_size, dtype, U=Us[e])
             D_g = Wf[e] - np.repeat(sc, fmt.group_size, 1) * q - np.repeat(b, fmt.group_size, 1)
             D_r = Wf[e] - rtn_deq[e]
             # never worse than round-to-nearest on the output error GPTQ minimises (matters at 2 bits)
-            take_rtn.append(float(np.sum((D_g @ Hf[e]) * D_g)) > float(np.sum((D_r @ Hf[e]) * D_r)))
+            take_rtn.append(float(np.sum((D_g @ He) * D_g)) > float(np.sum((D_r @ He) * D_r)))
             qs.append(q), ss.append(sc), bs.append(b)
         shape = lambda a: a.reshape(*lead, *a.shape[-2:])  # noqa: E731
         out = [mx.array(shape(pack(np.stack(qs), fmt.bits))),

@@ -9,7 +9,7 @@
   tied embedding         both roles: trace-normalised Fisher + trace-normalised Gram of the final hidden
 
 Inputs are recorded by swapping each layer for a thin wrapper module of our own for the duration of the
-pass (mlx-lm's code is untouched). Memory is sum(in_features^2) floats over the measured layers.
+pass (mlx-lm's code is untouched). Block Hessians are computed lazily, one block at a time (`Hessians`).
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def _recorder_class():
                 idx = args[0] if args else kwargs["indices"]
                 xb = mx.broadcast_to(x, (*idx.shape, *x.shape[-2:])).reshape(-1, d)
                 ib = mx.broadcast_to(idx.reshape(*idx.shape, 1), (*idx.shape, x.shape[-2])).reshape(-1)
-                rows, ids = np.array(xb.astype(mx.float32), dtype=np.float64), np.array(ib)
-                if self._gram is None:
-                    self._gram = np.zeros((self._experts, d, d))
+                rows, ids = np.array(xb.astype(mx.float32)), np.array(ib)
+                if self._gram is None:  # float32: a large MoE layer holds experts x d x d of these
+                    self._gram = np.zeros((self._experts, d, d), dtype=np.float32)
                 for e in np.unique(ids):
                     r = rows[ids == e]
                     self._gram[e] += r.T @ r
@@ -95,64 +95,136 @@ def _fisher(runner: BlockRunner, x, rng: np.random.Generator, samples: int) -> n
     return H
 
 
-def collect(model, anatomy: Anatomy, tokens, paths: list[str], *, batch_size: int = 8,
-            fisher_samples: int = FISHER_SAMPLES, seed: int = 0, progress: bool = True) -> dict:
-    """Hessians (float32 numpy) for the weight `paths` GPTQ can round: Linear, SwitchLinear, Embedding."""
-    from tqdm import tqdm
+class Hessians:
+    """H for every weight path GPTQ can round (Linear, SwitchLinear, Embedding), as a read-only mapping.
 
-    runner = BlockRunner(model, check=False)
-    by_path = {t.path: t for t in anatomy.tensors}
-    Recorder = _recorder_class()
-    wrapped, fisher_for = {}, []
-    for p in paths:
-        t = by_path[p]
-        if not p.endswith(".weight"):
-            continue
-        if t.module_type in ("Linear", "SwitchLinear"):
-            wrapped[t.module] = (p, t.shape[0] if t.module_type == "SwitchLinear" else None)
-        elif t.module_type == "Embedding":
-            fisher_for.append(p)
+    One float pass over the calibration windows caches every block's input; a block's Hessians are then
+    computed when first asked for by re-running just that block with recorders, and only the most recent
+    block's are kept. Memory stays at one block's worth of H (a 9B model's down_proj alone is ~1 GB of
+    float32 H) plus the cached block inputs; callers walk tensors in block order, so each block is
+    computed about once per walk. Tensors outside the blocks (lm_head, embeddings) are computed up front.
+    """
 
-    originals = {m: _child(model, m) for m in wrapped}
-    recorders = {m: Recorder(originals[m], experts) for m, (_, experts) in wrapped.items()}
-    tied_gram = None
-    fisher = None
-    rng = np.random.default_rng(seed)
-    starts = list(range(0, tokens.shape[0], batch_size))
-    try:
-        for m, r in recorders.items():
-            _set_child(model, m, r)
-        for s in tqdm(starts, desc="hessians", disable=not progress, leave=False):
-            x = tokens[s:s + batch_size]
-            h = runner.embed(x)
-            for i in range(runner.num_blocks):
-                h = runner.block(i, h)
-            hn = runner.norm(h)
-            runner.project(hn)
-            if runner.tied and fisher_for:
-                import mlx.core as mx
+    def __init__(self, model, anatomy: Anatomy, tokens, paths: list[str], *, batch_size: int = 8,
+                 fisher_samples: int = FISHER_SAMPLES, seed: int = 0, progress: bool = True):
+        import mlx.core as mx
+        from tqdm import tqdm
 
-                rows = np.array(hn.astype(mx.float32), dtype=np.float64).reshape(-1, hn.shape[-1])
-                tied_gram = rows.T @ rows + (0 if tied_gram is None else tied_gram)
-        # gradients must flow through the real layers, not through recording wrappers
-    finally:
-        for m, orig in originals.items():
-            _set_child(model, m, orig)
-    if fisher_for:
-        for s in tqdm(starts, desc="fisher", disable=not progress, leave=False):
-            f = _fisher(runner, tokens[s:s + batch_size], rng, fisher_samples)
-            fisher = f if fisher is None else fisher + f
+        self.model = model
+        self.runner = runner = BlockRunner(model, check=False)
+        by_path = {t.path: t for t in anatomy.tensors}
+        self._linear: dict[str, tuple[str, int | None, int | None]] = {}  # path -> (module, experts, layer)
+        embeds = []
+        for p in paths:
+            t = by_path[p]
+            if not p.endswith(".weight"):
+                continue
+            if t.module_type in ("Linear", "SwitchLinear"):
+                self._linear[p] = (t.module, t.shape[0] if t.module_type == "SwitchLinear" else None, t.layer)
+            elif t.module_type == "Embedding":
+                embeds.append(p)
+        self._paths = [p for p in paths if p in self._linear or p in embeds]
+        blocks = {layer for _, _, layer in self._linear.values() if layer is not None}
+        outside = {p: v for p, v in self._linear.items() if v[2] is None}
 
-    out = {}
-    for m, (p, _) in wrapped.items():
-        if recorders[m]._gram is not None:
-            out[p] = recorders[m]._gram.astype(np.float32)
-    for p in fisher_for:
-        H = fisher / max(np.trace(fisher), 1e-30)
-        if tied_gram is not None:
-            H = H + tied_gram / max(np.trace(tied_gram), 1e-30)
-        out[p] = H.astype(np.float32)
-    return out
+        self._inputs: dict[int, list] = {i: [] for i in blocks}
+        self._global: dict[str, np.ndarray] = {}
+        tied_gram = None
+        starts = list(range(0, tokens.shape[0], batch_size))
+        with _recording(model, outside) as recorders:
+            for s in tqdm(starts, desc="hessians", disable=not progress, leave=False):
+                h = runner.embed(tokens[s:s + batch_size])
+                for i in range(runner.num_blocks):
+                    if i in self._inputs:
+                        self._inputs[i].append(h)
+                    h = runner.block(i, h)
+                    mx.eval(h)
+                hn = runner.norm(h)
+                runner.project(hn)  # feeds an untied lm_head's recorder
+                if runner.tied and embeds:
+                    rows = np.array(hn.astype(mx.float32), dtype=np.float64).reshape(-1, hn.shape[-1])
+                    tied_gram = rows.T @ rows + (0 if tied_gram is None else tied_gram)
+        self._global.update(recorders)
+        if embeds:
+            # gradients flow through the real layers (no recorders are in place now)
+            rng = np.random.default_rng(seed)
+            fisher = None
+            for s in tqdm(starts, desc="fisher", disable=not progress, leave=False):
+                f = _fisher(runner, tokens[s:s + batch_size], rng, fisher_samples)
+                fisher = f if fisher is None else fisher + f
+            for p in embeds:
+                H = fisher / max(np.trace(fisher), 1e-30)
+                if tied_gram is not None:
+                    H = H + tied_gram / max(np.trace(tied_gram), 1e-30)
+                self._global[p] = H.astype(np.float32)
+        self._block: tuple[int | None, dict] = (None, {})
+        self.blocks_computed = 0
+
+    def _compute_block(self, i: int) -> dict:
+        import mlx.core as mx
+
+        members = {p: v for p, v in self._linear.items() if v[2] == i}
+        with _recording(self.model, members) as grams:
+            for h in self._inputs[i]:
+                mx.eval(self.runner.block(i, h))
+        self.blocks_computed += 1
+        return grams
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        if path in self._global:
+            return self._global[path]
+        if path not in self._linear:
+            raise KeyError(path)
+        i = self._linear[path][2]
+        if self._block[0] != i:
+            self._block = (None, {})  # free the previous block's before computing the next
+            self._block = (i, self._compute_block(i))
+        return self._block[1][path]
+
+    def __contains__(self, path) -> bool:
+        return path in self._global or path in self._linear
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def keys(self):
+        return list(self._paths)
+
+    def items(self):
+        for p in self._paths:
+            yield p, self[p]
+
+
+class _recording:
+    """Context: the Linear/SwitchLinear modules of `members` (path -> (module, experts, layer)) wrapped by
+    recorders; yields a dict that holds path -> float32 H once the context exits (layers that saw no
+    input are left out)."""
+
+    def __init__(self, model, members: dict):
+        self.model, self.members, self.grams = model, members, {}
+
+    def __enter__(self) -> dict:
+        Recorder = _recorder_class()
+        self.originals = {m: _child(self.model, m) for m, _, _ in self.members.values()}
+        self.recorders = {p: Recorder(self.originals[m], experts) for p, (m, experts, _) in self.members.items()}
+        for p, (m, _, _) in self.members.items():
+            _set_child(self.model, m, self.recorders[p])
+        return self.grams
+
+    def __exit__(self, *exc) -> None:
+        for m, orig in self.originals.items():
+            _set_child(self.model, m, orig)
+        for p, r in self.recorders.items():
+            if r._gram is not None:
+                self.grams[p] = r._gram.astype(np.float32)
+
+
+def collect(model, anatomy: Anatomy, tokens, paths: list[str], **kwargs) -> Hessians:
+    """The Hessians of the weight `paths` GPTQ can round (see `Hessians`)."""
+    return Hessians(model, anatomy, tokens, paths, **kwargs)
 
 
 def settings(fisher_samples: int = FISHER_SAMPLES) -> dict:
