@@ -179,3 +179,18 @@ def test_written_weights_are_what_was_measured(converted, nemotron_moe):
     got = ev.measure(None)
     assert got["kl_mean"] == pytest.approx(plan["measured_heldout"]["kl_mean"], rel=1e-3, abs=1e-7)
     assert got["kl_mean"] > 0
+
+
+def test_rounding_choice_is_part_of_the_sensitivity_key(converted, nemotron_moe, tmp_path):
+    out, report = converted
+    assert sum(report["rounding"]["tensors"].values()) == len(json.loads((out / "mixq" / "plan.json").read_text())["tensors"])
+    with pytest.raises(MixqError, match="rounding"):
+        convert(ConvertOptions(model=str(nemotron_moe), out=str(tmp_path / "r"), target_bpw=4.5, rounding="rtn",
+                               sensitivity=str(out / "mixq" / "sensitivity.json"), **SMALL))
+    assert not (tmp_path / "r").exists()
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "r2"), "--rounding", "rtn", "--samples", "2", "--seq-len", "16",
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "r2" / "mixq" / "plan.json").read_text())
+    assert plan["rounding"] == {"method": "rtn"} and {e["rounding"] for e in plan["tensors"].values()} <= {"rtn", "float"}
+    assert "rounding: rtn" in r.stdout

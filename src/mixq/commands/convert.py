@@ -57,6 +57,9 @@ def run(args) -> int:
           f"verified with mlx_lm.load: {report['verify']['modules_checked']} modules)")
     print(f"sensitivity: {cost['measurements']} measurements, {cost['block_forwards']} block-forwards "
           f"(naive sweep {cost['naive_block_forwards']}), {cost['seconds']} s")
+    rnd = report["rounding"]
+    print(f"rounding: {rnd['method']} ({', '.join(f'{n} {k}' for k, n in rnd['tensors'].items() if n)}), "
+          f"hessians {report['seconds']['hessians']} s")
     print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, measured {plan['measured_kl_calibration']:.5f}"
           + ("  [refined: " + report["refinement"]["reason"] + "]" if report["refinement"]["applied"] else ""))
     print()

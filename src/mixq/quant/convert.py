@@ -199,6 +199,9 @@ def convert(opts: ConvertOptions) -> dict:
                                                               "predicted_kl", "measured_kl_calibration")},
             "comparison": rows, "verify": check, "sensitivity_cost": sens["cost"],
             "refinement": refinement, "allocation": plan["allocation"],
+            "rounding": {**rounding.settings(), "tensors": {k: sum(1 for e in plan["tensors"].values()
+                                                                   if e["rounding"] == k)
+                                                            for k in ("gptq", "rtn", "float")}},
             "seconds": {"hessians": round(t_hess, 1), "sensitivity": round(t_sens, 1), "total": round(time.perf_counter() - t_start, 1)},
         }
         _dump(report, tmp / "mixq" / "report.json")
