@@ -16,6 +16,7 @@ from mixq.core.formats import Format, parse_candidates, quantize_dequantize
 from mixq.core.modelio import load
 from mixq.quant.apply import verify
 from mixq.quant.convert import ConvertOptions, convert
+from mixq.quant.gptq import GPTQ_VERSION
 from mixq.quant.plan import plan_bytes, recipe_formats, uniform_formats
 from mixq.quant.sensitivity import load_sensitivity, measure
 
@@ -157,7 +158,7 @@ def test_written_weights_are_what_was_measured(converted, nemotron_moe):
 
     out, report = converted
     plan = json.loads((out / "mixq" / "plan.json").read_text())
-    assert plan["rounding"]["method"] == "gptq-v1"
+    assert plan["rounding"]["method"] == GPTQ_VERSION
     kinds = {e["rounding"] for e in plan["tensors"].values()}
     assert "gptq" in kinds and kinds <= {"gptq", "rtn", "float"}
     lm = load(nemotron_moe)

@@ -21,7 +21,7 @@ import numpy as np
 
 from mixq.core.formats import Format, applicable, quantize_dequantize
 
-GPTQ_VERSION = "gptq-v1"
+GPTQ_VERSION = "gptq-v2"
 DAMP = 0.01   # fraction of mean(diag H) added to the diagonal: keeps H invertible, standard in GPTQ
 BLOCK = 128   # columns per lazy-update block (a multiple of every group size)
 

@@ -19,7 +19,7 @@ import numpy as np
 from mixq.core.anatomy import Anatomy
 from mixq.core.forward import BlockRunner
 
-FISHER_SAMPLES = 1  # label draws per calibration batch
+FISHER_SAMPLES = 1  # label draws per calibration batch (mlx RNG keyed by the seed)
 
 
 def _child(root, path: str):
@@ -72,18 +72,16 @@ def _recorder_class():
     return Recorder
 
 
-def _fisher(runner: BlockRunner, x, rng: np.random.Generator, samples: int) -> np.ndarray:
+def _fisher(runner: BlockRunner, x, key, samples: int) -> np.ndarray:
     import mlx.core as mx
 
     h0 = runner.embed(x)
-    logits = runner.run(h=h0)
-    probs = np.array(mx.softmax(logits.astype(mx.float32), axis=-1), dtype=np.float64)
+    logits = runner.run(h=h0).astype(mx.float32)
     d = h0.shape[-1]
     H = np.zeros((d, d))
     for _ in range(samples):
-        u = rng.random(probs.shape[:-1] + (1,))
-        y = np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1), probs.shape[-1] - 1)
-        labels = mx.array(y.astype(np.int32))
+        key, sub = mx.random.split(key)
+        labels = mx.random.categorical(logits, key=sub)  # drawn from the model itself: the true Fisher
 
         def loglik(h):
             lg = runner.run(h=h)
@@ -147,10 +145,11 @@ class Hessians:
         self._global.update(recorders)
         if embeds:
             # gradients flow through the real layers (no recorders are in place now)
-            rng = np.random.default_rng(seed)
+            key = mx.random.key(seed)
             fisher = None
             for s in tqdm(starts, desc="fisher", disable=not progress, leave=False):
-                f = _fisher(runner, tokens[s:s + batch_size], rng, fisher_samples)
+                key, sub = mx.random.split(key)
+                f = _fisher(runner, tokens[s:s + batch_size], sub, fisher_samples)
                 fisher = f if fisher is None else fisher + f
             for p in embeds:
                 H = fisher / max(np.trace(fisher), 1e-30)
