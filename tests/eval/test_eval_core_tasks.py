@@ -61,7 +61,7 @@ def test_heldout_documents_interleave_sections():
         text = None
         data_dir = None
 
-    docs, source, files, _ = _text.documents(O())
+    docs, source, files = _text.documents(O())
     assert source == "mixq/data/heldout.txt" and "heldout.txt" in files
     first = {d[0].rsplit("-", 1)[0] for d in docs[:5]}
     assert first == {"en_botchan", "en_devils_dictionary", "en_kjv", "en_pydocs_slice", "ja_wagahai"}
@@ -75,7 +75,7 @@ def test_text_file_reads_like_a_text_mode_read(tmp_path):
     class O:
         text, data_dir = str(p), None
 
-    docs, source, files, _ = _text.documents(O())
+    docs, source, files = _text.documents(O())
     assert docs == [("doc-0", "one\ntwo\nthree")] and source == str(p)
     O.text = str(tmp_path / "missing.txt")
     with pytest.raises(MixqError, match="no such file"):

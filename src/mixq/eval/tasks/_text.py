@@ -23,10 +23,10 @@ def task_data(opts, limit):
     """The text tasks' samples: one document each, the first `limit` of them."""
     from mixq.eval.registry import TaskData
 
-    docs, source, files, shipped = documents(opts)
+    docs, source, files = documents(opts)
     picked = docs[:limit] if limit else docs
-    return TaskData([{"id": i, "text": t} for i, t in picked], source, files, total=len(docs),
-                    sample_data=shipped)
+    # the packaged held-out text is real held-out text, not a format sample: never marked sample_data
+    return TaskData([{"id": i, "text": t} for i, t in picked], source, files, total=len(docs))
 
 
 def chunk_lines(text: str, target: int = DOC_CHARS) -> list[str]:
@@ -55,27 +55,27 @@ def _read(p: Path) -> str:
     return read_utf8(p).replace("\r\n", "\n").replace("\r", "\n")
 
 
-def documents(opts) -> tuple[list[tuple[str, str]], str, dict, bool]:
-    """([(doc id, text)], source label, {file: sha256}, is the shipped text)."""
+def documents(opts) -> tuple[list[tuple[str, str]], str, dict]:
+    """([(doc id, text)], source label, {file: sha256})."""
     if opts.text:
         p = Path(opts.text).expanduser()
         text = _read(p)
         docs = [(f"doc-{i}", d) for i, d in enumerate(chunk_lines(text))]
-        source, files, shipped = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}, False
+        source, files = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}
     elif opts.data_dir and opts.data_dir != "hf" and _wikitext(opts.data_dir):
         p = _wikitext(opts.data_dir)
         text = _read(p)
         docs = [(f"wiki-{i}", d) for i, d in enumerate(chunk_lines(text))]
-        source, files, shipped = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}, False
+        source, files = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}
     else:
         text = read_data_text(HELDOUT_NAME)
         sections = [(name, chunk_lines(body)) for name, body in read_heldout_sections(text)]
         docs = _interleave(sections)
-        source, shipped = f"mixq/data/{HELDOUT_NAME}", False
+        source = f"mixq/data/{HELDOUT_NAME}"
         files = {HELDOUT_NAME: hashlib.sha256(text.encode()).hexdigest()}
     if not docs:
         raise MixqError(f"{source}: no text")
-    return docs, source, files, shipped
+    return docs, source, files
 
 
 def _wikitext(data_dir: str) -> Path | None:
