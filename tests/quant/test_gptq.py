@@ -124,6 +124,10 @@ def test_hessians_from_the_real_layers(nemotron_moe):
     first = next(p for p in H if a.tensor(p).layer is not None)
     again = H[first].copy()
     assert H.blocks_computed == len(blocks) + 1 and np.array_equal(again, H[first])
+    # a layer the text never reaches has no data: a zero H, which GPTQ treats as plain rounding
+    H._inputs[a.tensor(first).layer] = []
+    H._block = (None, {})
+    assert not H[first].any() and H[first].shape == (a.tensor(first).shape[-1],) * 2
     sw = next(p for p in H if types[p] == "SwitchLinear")
     t = a.tensor(sw)
     assert H[sw].shape == (t.shape[0], t.shape[-1], t.shape[-1])  # one per expert

@@ -112,13 +112,16 @@ class Hessians:
         self.runner = runner = BlockRunner(model, check=False)
         by_path = {t.path: t for t in anatomy.tensors}
         self._linear: dict[str, tuple[str, int | None, int | None]] = {}  # path -> (module, experts, layer)
+        self._shapes: dict[str, tuple] = {}
         embeds = []
         for p in paths:
             t = by_path[p]
             if not p.endswith(".weight"):
                 continue
             if t.module_type in ("Linear", "SwitchLinear"):
-                self._linear[p] = (t.module, t.shape[0] if t.module_type == "SwitchLinear" else None, t.layer)
+                experts = t.shape[0] if t.module_type == "SwitchLinear" else None
+                self._linear[p] = (t.module, experts, t.layer)
+                self._shapes[p] = (experts, t.shape[-1], t.shape[-1]) if experts else (t.shape[-1],) * 2
             elif t.module_type == "Embedding":
                 embeds.append(p)
         self._paths = [p for p in paths if p in self._linear or p in embeds]
@@ -175,10 +178,12 @@ class Hessians:
         if path not in self._linear:
             raise KeyError(path)
         i = self._linear[path][2]
-        if self._block[0] != i:
+        if i is not None and self._block[0] != i:
             self._block = (None, {})  # free the previous block's before computing the next
             self._block = (i, self._compute_block(i))
-        return self._block[1][path]
+        got = self._block[1].get(path) if i is not None else None
+        # a layer the calibration text never reached: no data, so GPTQ reduces to plain rounding
+        return got if got is not None else np.zeros(self._shapes[path], dtype=np.float32)
 
     def __contains__(self, path) -> bool:
         return path in self._global or path in self._linear
