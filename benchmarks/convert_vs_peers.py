@@ -31,7 +31,7 @@ from mixq.core.formats import DEFAULT_CANDIDATES, Format, parse_candidates
 from mixq.core.modelio import load
 from mixq.quant import calibration, hessian
 from mixq.quant.evaluate import Evaluator
-from mixq.quant.gptq import RTN, Rounding
+from mixq.quant.gptq import RTN
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
 from mixq.quant.sensitivity import candidate_items, measure
 
@@ -88,9 +88,7 @@ def run_model(name: str, args) -> dict:
     t0 = time.perf_counter()
     rounding = RTN
     if args.rounding == "gptq":
-        paths = [t.path for t in candidate_items(anatomy)]
-        rounding = Rounding(hessian.collect(lm.model, anatomy, win.tokens, paths, progress=False),
-                            settings=hessian.settings())
+        rounding = hessian.gptq_rounding(lm.model, anatomy, win.tokens, progress=False)
     hess_s = time.perf_counter() - t0
     sens = measure(lm.model, anatomy, win.tokens, cands, key={"bench": name},
                    source_dtypes=lm.source_dtypes, rounding=rounding, progress=False)

@@ -25,7 +25,7 @@ from mixq.core.modelio import check_finite, fingerprint, load
 from mixq.quant import calibration, hessian
 from mixq.quant.apply import quantize_in_place, verify, write_model
 from mixq.quant.evaluate import Evaluator
-from mixq.quant.gptq import RTN, Rounding
+from mixq.quant.gptq import RTN
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
 from mixq.quant.sensitivity import METHOD, candidate_items, load_sensitivity, measure
 
@@ -79,6 +79,8 @@ def convert(opts: ConvertOptions) -> dict:
     out = Path(opts.out or f"{Path(str(opts.model)).name}-mixq-{opts.target_bpw:g}bpw").expanduser()
     if out.exists() and not opts.force:
         raise MixqError(f"{out} already exists (use --force to replace it)")
+    if opts.rounding not in ("gptq", "rtn"):
+        raise MixqError(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
     candidates = parse_candidates(opts.candidates) if opts.candidates else list(DEFAULT_CANDIDATES)
     if Format("float") not in candidates:
         candidates.append(Format("float"))
@@ -91,14 +93,10 @@ def convert(opts: ConvertOptions) -> dict:
         raise MixqError(f"{opts.model} is already quantized; convert from the float model")
     windows = calibration.make_windows(docs, lm.tokenizer, n_samples=opts.samples, seq_len=opts.seq_len,
                                        seed=opts.seed)
-    if opts.rounding not in ("gptq", "rtn"):
-        raise MixqError(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
-    rounding = RTN
     t0 = time.perf_counter()
+    rounding = RTN
     if opts.rounding == "gptq":
-        paths = [t.path for t in candidate_items(anatomy)]
-        rounding = Rounding(hessian.collect(lm.model, anatomy, windows.tokens, paths, seed=opts.seed,
-                                            progress=opts.progress), settings=hessian.settings())
+        rounding = hessian.gptq_rounding(lm.model, anatomy, windows.tokens, seed=opts.seed, progress=opts.progress)
     t_hess = time.perf_counter() - t0
     key = {
         "method": METHOD, "rounding": rounding.settings(), "model": fingerprint(lm.path), "candidates": [str(c) for c in candidates],

@@ -127,10 +127,6 @@ class Rounding:
         self._fell_back: dict[tuple[str, str], bool] = {}  # every slice kept round-to-nearest
         self._factors: tuple[str | None, list] = (None, [])  # last path's Cholesky factors, one per slice
 
-    @property
-    def method(self) -> str:
-        return GPTQ_VERSION if self.hessians else "rtn"
-
     def settings(self) -> dict:
         """Everything that changes the rounded values (goes into the sensitivity key)."""
         if not self.hessians:
@@ -203,9 +199,6 @@ class Rounding:
         wq, s, b = self.quantized(path, w, fmt, keep=keep)
         return mx.dequantize(wq, s, b, group_size=fmt.group_size, bits=fmt.bits, mode="affine",
                              dtype=mx.float32)
-
-    def clear(self) -> None:
-        self._cache.clear()
 
 
 RTN = Rounding()

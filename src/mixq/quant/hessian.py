@@ -231,5 +231,14 @@ def collect(model, anatomy: Anatomy, tokens, paths: list[str], **kwargs) -> Hess
     return Hessians(model, anatomy, tokens, paths, **kwargs)
 
 
-def settings(fisher_samples: int = FISHER_SAMPLES) -> dict:
-    return {"hessian": "input-gram; embedding: sampled-label fisher", "fisher_samples": fisher_samples}
+def gptq_rounding(model, anatomy: Anatomy, tokens, *, seed: int = 0, fisher_samples: int = FISHER_SAMPLES,
+                  progress: bool = True):
+    """GPTQ rounding for every tensor the allocator chooses a format for, its settings (part of the
+    sensitivity key) taken from the same arguments that built its Hessians."""
+    from mixq.quant.gptq import Rounding
+    from mixq.quant.sensitivity import candidate_items
+
+    paths = [t.path for t in candidate_items(anatomy)]
+    H = collect(model, anatomy, tokens, paths, seed=seed, fisher_samples=fisher_samples, progress=progress)
+    return Rounding(H, settings={"hessian": "input-gram; embedding: sampled-label fisher",
+                                 "fisher_samples": fisher_samples})
