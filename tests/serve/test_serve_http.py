@@ -41,8 +41,11 @@ SCRIPT = [  # (messages, tools, completion)
 ]
 
 
-def train_scripted(base, out, steps=400):
-    """Overfit a 1-layer copy of the qwen3 fixture on SCRIPT (prompts rendered by the server's own code)."""
+def train_scripted(base, out, steps=2000):
+    """Overfit a 1-layer copy of the qwen3 fixture on SCRIPT (prompts rendered by the server's own code).
+
+    Trains until every scripted token is the argmax (checked every 10 steps), however many steps the BLAS's
+    summation order makes that take; a run that never gets there fails here, by name, not in a later test."""
     import importlib
 
     import mlx.nn as nn
@@ -76,6 +79,7 @@ def train_scripted(base, out, steps=400):
 
     opt = optim.Adam(learning_rate=2e-2)
     step = nn.value_and_grad(model, loss_fn)
+    converged = False
     for i in range(steps):
         loss, grads = step(model)
         opt.update(model, grads)
@@ -83,7 +87,9 @@ def train_scripted(base, out, steps=400):
         if i % 10 == 9:
             hits = ((model(x[:, :-1]).argmax(-1) == x[:, 1:]) * mask).sum()
             if hits.item() == mask.sum().item() and loss.item() < 0.05:
+                converged = True
                 break
+    assert converged, f"the scripted fixture did not learn its script in {steps} steps (loss {loss.item():.3g})"
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     return out
 
@@ -327,8 +333,8 @@ def test_disconnect_mid_stream_frees_the_slot(qwen3):
 
 def test_lm_eval_local_completions(scripted, tmp_path):
     """lm-evaluation-harness (`local-completions`) scores a 3-way multiple-choice task through the server:
-    the log-likelihoods it gets are the model's own (checked against a direct forward), and the model that
-    learned the answers picks them (chance is 1/3)."""
+    every log-likelihood and greedy flag it gets equals a direct forward of the same model, and the accuracy
+    it reports is the one those direct log-likelihoods give (independent of how well training went)."""
     import lm_eval  # noqa: F401  (a dev dependency)
     import subprocess
     import sys
@@ -364,22 +370,32 @@ def test_lm_eval_local_completions(scripted, tmp_path):
                         str(tmp_path / "out"), "--log_samples", "--batch_size", "2"],
                        env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    (results,) = (tmp_path / "out").rglob("results_*.json")
-    assert json.loads(results.read_text())["results"]["mixq_tiny_mc"]["acc,none"] == 1.0
     (samples,) = (tmp_path / "out").rglob("samples_mixq_tiny_mc_*.jsonl")
-    for line in samples.read_text().splitlines():
+    lines = samples.read_text().splitlines()
+    assert len(lines) == len(SCRIPT)
+    correct = []
+    for line in lines:
         s = json.loads(line)
         got = [(float(ll), greedy in (True, "True")) for ll, greedy in s["filtered_resps"]]
-        for j, ((ll, greedy), answer) in enumerate(zip(got, answers)):
+        assert len(got) == len(answers)
+        refs = []
+        for (ll, greedy), answer in zip(got, answers):
             context = s["doc"]["question"]  # lm-eval's split: trailing whitespace goes to the continuation
             ctx = tok.encode(context.rstrip(), add_special_tokens=False)
             whole = tok.encode(context + answer, add_special_tokens=False)
-            assert whole[: len(ctx)] == ctx
+            assert whole[: len(ctx)] == ctx and len(whole) > len(ctx)
             logits = lm.model(mx.array(whole)[None])[0]
             lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            ref = sum(lps[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+            cont = range(len(ctx), len(whole))
+            ref = sum(lps[i - 1, whole[i]].item() for i in cont)
+            top2 = mx.topk(logits, 2, axis=-1)
+            margin = min((top2[i - 1].max() - top2[i - 1].min()).item() for i in cont)
+            ref_greedy = all(int(logits[i - 1].argmax().item()) == whole[i] for i in cont)
             assert ll == pytest.approx(ref, abs=1e-3)
-            if j == int(s["target"]):  # the learned answer: near-certain, and the greedy continuation
-                assert ll > -1.0 and greedy
-            else:
-                assert ll < -20.0 and not greedy
+            if margin > 1e-3:  # a near-tie may resolve either way in another kernel's summation order
+                assert greedy == ref_greedy
+            refs.append(ll)
+        correct.append(float(max(range(len(refs)), key=refs.__getitem__) == int(s["target"])))
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    acc = json.loads(results.read_text())["results"]["mixq_tiny_mc"]["acc,none"]
+    assert acc == pytest.approx(sum(correct) / len(correct), abs=1e-9)
