@@ -293,7 +293,8 @@ def test_malformed_requests_get_openai_errors(plain, route, body):
 def test_limits_routes_and_still_alive(plain):
     srv, engine, _ = plain
     big = json.dumps({"model": "m", "prompt": "x" * (100 << 10)}).encode()
-    r = httpx.post(srv.url + "/v1/completions", content=big, trust_env=False)
+    r = httpx.post(srv.url + "/v1/completions", content=big, headers={"content-type": "application/json"},
+                   trust_env=False)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert httpx.get(srv.url + "/v1/nothing", trust_env=False).status_code == 404
     assert httpx.get(srv.url + "/v1/completions", trust_env=False).status_code == 405
