@@ -14,18 +14,23 @@ from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixq.serve.engine import Engine
 from mixq.serve.errors import APIError, error_response
 from mixq.serve.middleware import BearerAuth, BodyLimit, HostGuard
 from mixq.serve.serving import Serving, ServeSettings
+from mixq.serve.serving_anthropic import anthropic_error, anthropic_router
 from mixq.serve.serving_openai import openai_router
+from mixq.serve.serving_responses import responses_router
 
 log = logging.getLogger("mixq.serve")
 
 
-def _error(request, status: int, message: str, type_: str, code=None, param=None):
+def _error(request, status: int, message: str, type_: str, code=None, param=None) -> JSONResponse:
+    if request.url.path.startswith("/v1/messages"):
+        return JSONResponse(anthropic_error(status, message), status_code=status)
     return error_response(status, message, type_, code, param)
 
 
@@ -55,6 +60,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         return {"status": "ok", "model": settings.model_id, **engine.load()}
 
     app.include_router(openai_router(serving))
+    app.include_router(anthropic_router(serving))
+    app.include_router(responses_router(serving))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key:  # outside the body limit: a request without the key is refused before its body is read
         app.add_middleware(BearerAuth, key=settings.api_key)
