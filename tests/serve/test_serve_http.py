@@ -208,18 +208,41 @@ BAD = [
     ("completions", {"model": "m", "prompt": "x", "max_tokens": 300}),
     ("completions", {"model": "m", "prompt": ["a", "b"], "stream": True}),
     ("completions", {"model": "m", "prompt": "x", "best_of": 3}),
+    ("messages", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),  # max_tokens is required
+    ("messages", {"model": "m", "max_tokens": 4, "messages": []}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image"}]}]}),
+    ("messages", {"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}),
+    ("messages", {"model": "m", "max_tokens": 4, "top_k": 5, "messages": [{"role": "user", "content": "x"}]}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}],
+                  "tool_choice": {"type": "any"}}),
+    ("messages", {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}],
+                  "thinking": {"type": "enabled", "budget_tokens": 8}}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "a\ud800"}]}),
+    ("responses", {"model": "m"}), ("responses", {"model": "m", "input": []}),
+    ("responses", {"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+    ("responses", {"model": "m", "input": "x", "tools": [{"type": "web_search"}]}),
+    ("responses", {"model": "m", "input": [{"type": "item_reference", "id": "x"}]}),
+    ("responses", {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+    ("responses", {"model": "m", "input": "x", "max_output_tokens": -1}),
+    ("responses", {"model": "m", "input": "x", "text": {"format": {"type": "bogus"}}}),
+    ("responses", {"model": "m", "input": "x", "tool_choice": "required"}),
 ]
+ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "messages": "/v1/messages",
+          "responses": "/v1/responses"}
 
 
 @pytest.mark.parametrize("route,body", BAD, ids=[f"{i}" for i in range(len(BAD))])
 def test_malformed_requests_get_openai_errors(plain, route, body):
     srv, engine, _ = plain
-    url = srv.url + ("/v1/chat/completions" if route == "chat" else "/v1/completions")
+    url = srv.url + ROUTES[route]
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(url, content=content, headers={"content-type": "application/json"}, trust_env=False, timeout=30)
     assert 400 <= r.status_code < 500, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"]
+    if route == "messages":  # Anthropic's shape
+        assert r.json()["type"] == "error" and err["type"].endswith("_error")
     assert engine.alive
 
 
@@ -245,13 +268,16 @@ def test_bearer_auth(qwen3):
         assert httpx.get(srv.url + "/health", trust_env=False).status_code == 200
 
 
-def test_disconnect_mid_stream_frees_the_slot(qwen3):
+@pytest.mark.parametrize("route", ["chat", "messages", "responses"])
+def test_disconnect_mid_stream_frees_the_slot(qwen3, route):
     """One slot: a client that vanishes mid-stream gives it up, and the next request runs at once."""
     with serving(qwen3, max_concurrency=1, keepalive_s=0.2) as (srv, engine, _):
         body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 3000,
                 "temperature": 0, "stream": True}
+        if route == "responses":
+            body = {"model": "m", "input": "go", "max_output_tokens": 3000, "temperature": 0, "stream": True}
         with httpx.Client(trust_env=False, timeout=30) as h:
-            with h.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+            with h.stream("POST", srv.url + ROUTES[route], json=body) as r:
                 lines = r.iter_lines()
                 for _ in range(4):
                     next(lines)
