@@ -106,3 +106,25 @@ def test_kv_config_serves_with_mixed_precision_caches(nemotron_dense, tmp_path):
         assert _stop(proc) == 0
     bad = run_cli(str(nemotron_dense), "--kv-config", str(tmp_path / "missing.json"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_7f_a_stream_cut_by_shutdown_ends_with_an_error_and_done(qwen3):
+    """SIGTERM while a stream runs: the stream gets an error event and `data: [DONE]`, the process exits 0."""
+    proc, url = _start([str(qwen3), "--served-model-name", "m"])
+    lines = []
+    try:
+        body = {"model": "m", "prompt": "go", "max_tokens": 3000, "temperature": 0, "stream": True,
+                "logit_bias": {"5": -100}}
+        with httpx.Client(trust_env=False, timeout=30) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
+            it = r.iter_lines()
+            for line in it:
+                if line.startswith("data: {"):
+                    break
+            proc.send_signal(signal.SIGTERM)
+            lines = [line for line in it if line.startswith("data: ")]
+    finally:
+        rc = _stop(proc)
+    assert lines and lines[-1] == "data: [DONE]"
+    errors = [json.loads(x[6:]) for x in lines[:-1] if '"error"' in x]
+    assert errors and "shutting down" in errors[-1]["error"]["message"]
+    assert rc == 0

@@ -328,3 +328,35 @@ def test_top_p_keeps_only_the_nucleus(qwen):
         assert run(temperature=1.5, top_p=1e-6, seed=1) == run(temperature=0)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-moe"])
+def test_prompt_reuse_over_five_turns_on_the_hybrid_demos(name):
+    """A 5-turn chat on the bundled Mamba hybrids (whose state cannot be trimmed, so only exact prefixes are
+    reused): every turn's greedy reply is the same token for token with the prefix cache as without it, and
+    turns 2-5 report the reused prompt tokens."""
+    from importlib import resources
+
+    lm = load(name, compute_dtype="float32")
+    tok = lm.tokenizer
+    opening = tok.decode(tok.encode(resources.files("mixq.data").joinpath("heldout.txt").read_text())[:200])
+    replies = {}
+    for size in (16, 0):
+        engine = Engine(lm.model, tok, prefix_cache_size=size).start()
+        try:
+            history, got = [("system", opening + "\n/no_think")], []
+            for q in ("Who wrote this?", "Summarise it.", "Name one word from it.", "Is it old?", "Say thanks."):
+                history.append(("user", q))
+                p = build_chat_prompt(tok, msgs(*history))
+                outs = engine.generate(GenRequest(prompt=p.tokens, params=SamplingParams(
+                    max_tokens=12, temperature=0, logprobs=True), thinking=p.thinking, parse=True,
+                    checkpoint=p.checkpoint), timeout=120)
+                got.append((gen_tokens(outs), outs[-1].usage["cached_tokens"], len(p.tokens)))
+                history.append(("assistant", "".join(o.delta.content for o in outs)))
+        finally:
+            engine.stop()
+        replies[size] = got
+    assert [t for t, _, _ in replies[16]] == [t for t, _, _ in replies[0]]
+    assert all(tokens for tokens, _, _ in replies[16])
+    assert [c for _, c, _ in replies[0]] == [0] * 5
+    assert replies[16][0][1] == 0 and all(0 < c < n for _, c, n in replies[16][1:])

@@ -25,73 +25,7 @@ from mixq.serve.runner import ServerThread
 
 import openai  # noqa: E402  (a dev dependency)
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
-ASK = [{"role": "user", "content": "Weather in Paris?"}]
-CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-ANSWERED = ASK + [{"role": "assistant", "content": None, "tool_calls": [CALL]},
-                  {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
-HI = [{"role": "user", "content": "Say hi."}]
-SCRIPT = [  # (messages, tools, completion)
-    (ASK, TOOLS, 'I should call the tool.\n</think>\n<TOOLCALL>[{"name": "get_weather", "arguments": '
-                 '{"city": "Paris"}}]</TOOLCALL><|im_end|>'),
-    (ANSWERED, TOOLS, "The tool answered.\n</think>\nIt is sunny in Paris.<|im_end|>"),
-    (HI, None, "A greeting is needed.\n</think>\nHi there!<|im_end|>"),
-]
-
-
-def train_scripted(base, out, steps=2000):
-    """Overfit a 1-layer copy of the qwen3 fixture on SCRIPT (prompts rendered by the server's own code).
-
-    Trains until every scripted token is the argmax (checked every 10 steps), however many steps the BLAS's
-    summation order makes that take; a run that never gets there fails here, by name, not in a later test."""
-    import importlib
-
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
-
-    from mixq.serve.prompting import build_chat_prompt
-    from mixq.serve.protocol import ChatMessage
-
-    shutil.copytree(base, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(num_hidden_layers=1, torch_dtype="float32")
-    (out / "config.json").write_text(json.dumps(cfg))
-    tok = load(str(base)).tokenizer
-    rows = []
-    for messages, tools, completion in SCRIPT:
-        p = build_chat_prompt(tok, [ChatMessage.model_validate(m) for m in messages], tools=tools)
-        rows.append((p.tokens, tok.encode(completion, add_special_tokens=False)))
-    arch = importlib.import_module("mlx_lm.models.qwen3")
-    mx.random.seed(0)
-    model = arch.Model(arch.ModelArgs.from_dict(cfg))
-    width = max(len(a) + len(b) for a, b in rows)
-    x = mx.array([(a + b + [0] * width)[:width] for a, b in rows])
-    # the loss also covers the prompt's last token (the `\n` after `<think>`), which lm-eval counts as part of
-    # the continuation (it moves a context's trailing whitespace there)
-    mask = mx.array([[float(len(a) - 2 <= i < len(a) + len(b) - 1) for i in range(width - 1)] for a, b in rows])
-
-    def loss_fn(m):
-        ce = nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:], reduction="none")
-        return (ce * mask).sum() / mask.sum()
-
-    opt = optim.Adam(learning_rate=2e-2)
-    step = nn.value_and_grad(model, loss_fn)
-    converged = False
-    for i in range(steps):
-        loss, grads = step(model)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
-        if i % 10 == 9:
-            hits = ((model(x[:, :-1]).argmax(-1) == x[:, 1:]) * mask).sum()
-            if hits.item() == mask.sum().item() and loss.item() < 0.05:
-                converged = True
-                break
-    assert converged, f"the scripted fixture did not learn its script in {steps} steps (loss {loss.item():.3g})"
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    return out
+from scripted import ASK, HI, SCRIPT, TOOLS  # noqa: E402  (tests/serve/scripted.py)
 
 
 @contextmanager
@@ -112,9 +46,8 @@ def client_for(srv, key="none"):
 
 
 @pytest.fixture(scope="module")
-def scripted(qwen3, tmp_path_factory):
-    path = train_scripted(qwen3, tmp_path_factory.mktemp("scripted") / "m")
-    with serving(path) as s:
+def scripted(scripted_model):
+    with serving(scripted_model) as s:
         yield s
 
 
@@ -275,25 +208,49 @@ BAD = [
     ("completions", {"model": "m", "prompt": "x", "max_tokens": 300}),
     ("completions", {"model": "m", "prompt": ["a", "b"], "stream": True}),
     ("completions", {"model": "m", "prompt": "x", "best_of": 3}),
+    ("messages", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),  # max_tokens is required
+    ("messages", {"model": "m", "max_tokens": 4, "messages": []}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image"}]}]}),
+    ("messages", {"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}),
+    ("messages", {"model": "m", "max_tokens": 4, "top_k": 5, "messages": [{"role": "user", "content": "x"}]}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}],
+                  "tool_choice": {"type": "any"}}),
+    ("messages", {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}],
+                  "thinking": {"type": "enabled", "budget_tokens": 8}}),
+    ("messages", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "a\ud800"}]}),
+    ("responses", {"model": "m"}), ("responses", {"model": "m", "input": []}),
+    ("responses", {"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+    ("responses", {"model": "m", "input": "x", "tools": [{"type": "web_search"}]}),
+    ("responses", {"model": "m", "input": [{"type": "item_reference", "id": "x"}]}),
+    ("responses", {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+    ("responses", {"model": "m", "input": "x", "max_output_tokens": -1}),
+    ("responses", {"model": "m", "input": "x", "text": {"format": {"type": "bogus"}}}),
+    ("responses", {"model": "m", "input": "x", "tool_choice": "required"}),
 ]
+ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "messages": "/v1/messages",
+          "responses": "/v1/responses"}
 
 
 @pytest.mark.parametrize("route,body", BAD, ids=[f"{i}" for i in range(len(BAD))])
 def test_malformed_requests_get_openai_errors(plain, route, body):
     srv, engine, _ = plain
-    url = srv.url + ("/v1/chat/completions" if route == "chat" else "/v1/completions")
+    url = srv.url + ROUTES[route]
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(url, content=content, headers={"content-type": "application/json"}, trust_env=False, timeout=30)
     assert 400 <= r.status_code < 500, r.text
     err = r.json()["error"]
     assert err["message"] and err["type"]
+    if route == "messages":  # Anthropic's shape
+        assert r.json()["type"] == "error" and err["type"].endswith("_error")
     assert engine.alive
 
 
 def test_limits_routes_and_still_alive(plain):
     srv, engine, _ = plain
     big = json.dumps({"model": "m", "prompt": "x" * (100 << 10)}).encode()
-    r = httpx.post(srv.url + "/v1/completions", content=big, trust_env=False)
+    r = httpx.post(srv.url + "/v1/completions", content=big, headers={"content-type": "application/json"},
+                   trust_env=False)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert httpx.get(srv.url + "/v1/nothing", trust_env=False).status_code == 404
     assert httpx.get(srv.url + "/v1/completions", trust_env=False).status_code == 405
@@ -311,13 +268,16 @@ def test_bearer_auth(qwen3):
         assert httpx.get(srv.url + "/health", trust_env=False).status_code == 200
 
 
-def test_disconnect_mid_stream_frees_the_slot(qwen3):
+@pytest.mark.parametrize("route", ["chat", "messages", "responses"])
+def test_disconnect_mid_stream_frees_the_slot(qwen3, route):
     """One slot: a client that vanishes mid-stream gives it up, and the next request runs at once."""
     with serving(qwen3, max_concurrency=1, keepalive_s=0.2) as (srv, engine, _):
         body = {"model": "m", "messages": [{"role": "user", "content": "go"}], "max_tokens": 3000,
                 "temperature": 0, "stream": True}
+        if route == "responses":
+            body = {"model": "m", "input": "go", "max_output_tokens": 3000, "temperature": 0, "stream": True}
         with httpx.Client(trust_env=False, timeout=30) as h:
-            with h.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+            with h.stream("POST", srv.url + ROUTES[route], json=body) as r:
                 lines = r.iter_lines()
                 for _ in range(4):
                     next(lines)

@@ -1,5 +1,6 @@
-"""A bounded load test: 8 concurrent clients x 25 requests on a Mamba hybrid, mixing plain and streamed
-chat, echoed and streamed completions, and clients that hang up mid-stream. No 5xx, every answer is the
+"""A bounded load test: 8 concurrent clients x 28 requests on a Mamba hybrid, mixing plain and streamed
+chat, echoed and streamed completions, Anthropic messages (streamed), Responses, and clients that hang up
+mid-stream. No 5xx, every answer is the
 one its own prompt gets when served alone, and the server is idle and healthy afterwards."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from mixq.serve.app import ServeSettings, create_app
 from mixq.serve.engine import Engine
 from mixq.serve.runner import ServerThread
 
-CLIENTS, PER_CLIENT, MAX_TOKENS = 8, 25, 6
+CLIENTS, PER_CLIENT, MAX_TOKENS, KINDS = 8, 28, 6, 7
 WORDS = ["apple", "river", "mountain", "violin", "winter", "copper", "lantern", "harbour"]
 
 
@@ -30,6 +31,34 @@ def chat_body(k, stream=False):
 def completion_body(k, stream=False, echo=False, prompt=None):
     return {"model": "m", "prompt": prompt or f"The {WORDS[k]} is", "max_tokens": MAX_TOKENS, "temperature": 0,
             "stream": stream, "echo": echo}
+
+
+def messages_body(k, stream=False):
+    return {"model": "m", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream,
+            "messages": [{"role": "user", "content": f"Question {k}: what is a {WORDS[k]}?"}]}
+
+
+def responses_body(k):
+    return {"model": "m", "input": f"Tell me about the {WORDS[k]}.", "max_output_tokens": MAX_TOKENS,
+            "temperature": 0}
+
+
+def read_anthropic_stream(resp) -> str:
+    """The text of a streamed Anthropic message; asserts it ends with message_stop and has no error."""
+    text, events = "", []
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            events.append(line[7:])
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+            if data["type"] == "content_block_delta" and data["delta"]["type"] == "text_delta":
+                text += data["delta"]["text"]
+    assert events and events[-1] == "message_stop" and "error" not in events, events
+    return text
+
+
+def message_text(body: dict) -> str:
+    return "".join(b.get("text", "") for b in body["content"])
 
 
 def read_stream(resp):
@@ -65,6 +94,8 @@ def test_concurrent_clients(nemotron_dense):
                 chat_ref.append(((m.get("reasoning_content") or ""), m["content"] or ""))
                 text_ref.append(h.post("/v1/completions", json=completion_body(k)).json()["choices"][0]["text"])
             assert len(set(chat_ref)) == len(set(text_ref)) == len(WORDS)  # answers tell prompts apart
+            msg_ref = [message_text(h.post("/v1/messages", json=messages_body(k)).json()) for k in range(len(WORDS))]
+            resp_ref = [h.post("/v1/responses", json=responses_body(k)).json()["output"] for k in range(len(WORDS))]
 
             statuses, failures, cancelled = [], [], []
             deadline = time.monotonic() + 100
@@ -75,7 +106,7 @@ def test_concurrent_clients(nemotron_dense):
                         if time.monotonic() > deadline:
                             failures.append((c, i, "out of time"))
                             return
-                        k, kind = (c * 7 + i) % len(WORDS), i % 5
+                        k, kind = (c * 7 + i) % len(WORDS), i % KINDS
                         try:
                             if kind == 0:
                                 r = hc.post("/v1/chat/completions", json=chat_body(k))
@@ -106,12 +137,24 @@ def test_concurrent_clients(nemotron_dense):
                                         if '"delta": {"reasoning' in line or '"delta": {"content' in line:
                                             break
                                 cancelled.append((c, i))
-                            else:
+                            elif kind == 4:
                                 with hc.stream("POST", "/v1/completions", json=completion_body(k, True)) as r:
                                     statuses.append(r.status_code)
                                     _, text, _ = read_stream(r)
                                 if text != text_ref[k]:
                                     failures.append((c, i, text, text_ref[k]))
+                            elif kind == 5:
+                                with hc.stream("POST", "/v1/messages", json=messages_body(k, True)) as r:
+                                    statuses.append(r.status_code)
+                                    text = read_anthropic_stream(r)
+                                if text != msg_ref[k]:
+                                    failures.append((c, i, text, msg_ref[k]))
+                            else:
+                                r = hc.post("/v1/responses", json=responses_body(k))
+                                statuses.append(r.status_code)
+                                strip = lambda items: [{**x, "id": None, "call_id": None} for x in items]  # noqa
+                                if strip(r.json()["output"]) != strip(resp_ref[k]):
+                                    failures.append((c, i, r.json()["output"], resp_ref[k]))
                         except Exception as e:  # noqa: BLE001 - any client-side failure is a test failure
                             failures.append((c, i, repr(e)))
 
@@ -130,7 +173,7 @@ def test_concurrent_clients(nemotron_dense):
                 time.sleep(0.05)
             health = h.get("/health").json()
             assert health["status"] == "ok" and health["active"] == 0 and health["errors"] == 0
-            assert health["cancelled"] >= 1 and len(cancelled) == CLIENTS * PER_CLIENT // 5
-            assert health["requests"] == 2 * len(WORDS) + CLIENTS * PER_CLIENT
+            assert health["cancelled"] >= 1 and len(cancelled) == CLIENTS * PER_CLIENT // KINDS
+            assert health["requests"] == 4 * len(WORDS) + CLIENTS * PER_CLIENT
     finally:
         engine.stop()

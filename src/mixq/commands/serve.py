@@ -29,6 +29,10 @@ def add_arguments(p) -> None:
                    help="default reasoning-token budget: past it the think block is closed and the answer starts")
     p.add_argument("--prefix-cache-size", type=int, default=16, help="prompt caches kept for reuse (0: off)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit in MiB (default 4)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (default 30; then 408)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name a keyless server answers besides loopback ones (repeatable; * for any)")
     p.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "stored"),
                    help="compute dtype (auto: float32 on the CPU, stored dtypes on a GPU)")
@@ -46,6 +50,8 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "thinking_budget" else 1):
             raise MixqError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if not args.body_timeout > 0:
+        raise MixqError(f"--body-timeout must be positive, got {args.body_timeout}")
     if not 0 <= args.port <= 65535:
         raise MixqError(f"--port {args.port}: not a port number")
 
@@ -65,7 +71,8 @@ def run(args) -> int:
                     prefix_cache_size=args.prefix_cache_size, cache_factory=factory, batched=not args.no_batch)
     model_id = args.served_model_name or args.model
     settings = ServeSettings(model_id=model_id, aliases=model_aliases(args.model, lm.path), api_key=args.api_key,
-                             max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                             max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout,
+                             allowed_hosts=tuple(args.allowed_host),
                              context_length=context_length(lm.config, args.max_model_len),
                              default_max_tokens=args.max_tokens, thinking_budget=args.thinking_budget)
     app = create_app(engine, settings)
@@ -78,7 +85,7 @@ def run(args) -> int:
 
     try:
         run_foreground(app, args.host, args.port, log_level="warning" if args.log_level == "info" else args.log_level,
-                       on_ready=ready)
+                       on_ready=ready, on_shutdown=engine.stop)
     except OSError as e:
         raise MixqError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     finally:

@@ -33,6 +33,7 @@ class StopFilter:
         self.stops = [s for s in stops if s]
         self.buf = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -40,9 +41,10 @@ class StopFilter:
         if not self.stops:
             return text
         self.buf += text
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.buf.find(s)) >= 0]
         if hits:
-            out, self.buf, self.stopped = self.buf[: min(hits)], "", True
+            i, self.matched = min(hits)
+            out, self.buf, self.stopped = self.buf[:i], "", True
             return out
         keep = _held_back(self.buf, self.stops)
         out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]

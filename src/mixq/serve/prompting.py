@@ -72,8 +72,11 @@ def _render(tokenizer, messages, tools, kwargs, add_generation_prompt: bool) -> 
         raise PromptError(f"the chat template could not render these messages: {first}") from e
 
 
-def _encode(tokenizer, text: str) -> list:
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def _encode(tokenizer, text: str, **kw) -> list:
+    try:
+        return list(tokenizer.encode(text, **kw))
+    except (TypeError, ValueError, UnicodeError) as e:  # text the tokenizer cannot take (a lone surrogate, ...)
+        raise PromptError(f"the tokenizer cannot encode this text ({type(e).__name__})") from e
 
 
 def build_chat_prompt(tokenizer, messages, *, tools: Optional[list] = None, tool_choice=None,
@@ -102,7 +105,7 @@ def build_chat_prompt(tokenizer, messages, *, tools: Optional[list] = None, tool
                                   end_ids=tuple(tokenizer.think_end_tokens or ()),
                                   initial=REASONING if opened else CONTENT, ban_start=off,
                                   budget=None if off else thinking_budget)
-    tokens = _encode(tokenizer, text)
+    tokens = _encode(tokenizer, text, add_special_tokens=False)
 
     checkpoint = 0
     if msgs[-1]["role"] != "assistant":
@@ -111,7 +114,7 @@ def build_chat_prompt(tokenizer, messages, *, tools: Optional[list] = None, tool
         except PromptError:
             history = ""
         if history and text.startswith(history) and len(history) < len(text):
-            h = _encode(tokenizer, history)
+            h = _encode(tokenizer, history, add_special_tokens=False)
             if tokens[: len(h)] == h:
                 checkpoint = len(h)
     return ChatPrompt(text=text, tokens=tokens, thinking=thinking,
@@ -120,5 +123,5 @@ def build_chat_prompt(tokenizer, messages, *, tools: Optional[list] = None, tool
 
 def encode_completion_prompt(tokenizer, prompt) -> list:
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
+        return _encode(tokenizer, prompt)
     return list(prompt)

@@ -10,7 +10,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -69,6 +70,37 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class JsonSchemaFormat(BaseModel):
+    name: Annotated[str, Field(strict=True, min_length=1, max_length=64)] = "response"
+    description: Optional[StrictStr] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[StrictBool] = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# fields of OpenAI's chat API this server does not implement: a request that sets one gets a 400
+UNSUPPORTED_CHAT = ("functions", "function_call", "audio", "prediction", "web_search_options")
+
+
 class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Optional[StrictInt] = None
@@ -76,8 +108,10 @@ class ChatCompletionRequest(_Request):
     logprobs: Optional[StrictBool] = False
     top_logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]] = None
     tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[StrictBool] = None
+    response_format: Optional[ResponseFormat] = None
+    modalities: Optional[list[Literal["text"]]] = None
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     # mixq extension: past this many reasoning tokens the think block is closed and the answer begins
@@ -92,8 +126,26 @@ class ChatCompletionRequest(_Request):
                 raise ValueError("every tool needs {'type': 'function', 'function': {'name': ...}}")
         return v
 
-    def token_limit(self) -> Optional[int]:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def problem(self, raw: dict) -> Optional[tuple[str, str]]:
+        """(param, message) for a request that is well-typed but asks what this server cannot do."""
+        for k in UNSUPPORTED_CHAT:
+            if raw.get(k) is not None:
+                return k, f"{k} is not supported by this server" + (" (use tools and tool_choice)"
+                                                                    if k.startswith("function") else "")
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        if (named or self.tool_choice == "required") and not self.tools:
+            return "tool_choice", "tool_choice requires a function call but the request offers no tools"
+        if named and named not in [t["function"]["name"] for t in self.tools]:
+            return "tool_choice", f"tool_choice names {named[:80]!r}, which is not among the tools"
+        return None
+
+    def token_limit(self) -> tuple[Optional[int], str]:
+        """(the limit, the field it came from)"""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class CompletionRequest(_Request):

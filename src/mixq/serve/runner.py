@@ -35,16 +35,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def _config(app, log_level: str):
     import uvicorn
 
+    from mixq.serve.middleware import JsonH11Protocol
+
     return uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=3,
-                          timeout_keep_alive=30, access_log=log_level == "debug")
+                          timeout_keep_alive=30, access_log=log_level == "debug", http=JsonH11Protocol)
 
 
-def _quiet_server_class():
+def _server_class():
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGINT/SIGTERM after its graceful stop, which would kill the process before the
-        engine is stopped; here the stop is the end of it (and `mixq serve` exits 0)."""
+        engine is stopped; here the stop is the end of it (and `mixq serve` exits 0). At the start of the
+        stop `on_shutdown` runs (the engine stops), so a stream still running ends with an error event and
+        its terminator instead of being cut off when the grace period runs out."""
+
+        on_shutdown = None
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -54,13 +60,21 @@ def _quiet_server_class():
                 if isinstance(captured, list):
                     captured.clear()
 
+        async def shutdown(self, sockets=None):
+            if self.on_shutdown is not None:
+                import asyncio
+
+                await asyncio.to_thread(self.on_shutdown)
+            await super().shutdown(sockets=sockets)
+
     return Server
 
 
-def run_foreground(app, host: str, port: int, log_level: str = "info", on_ready=None) -> None:
+def run_foreground(app, host: str, port: int, log_level: str = "info", on_ready=None, on_shutdown=None) -> None:
     """Serve until SIGINT/SIGTERM, which stop uvicorn gracefully and return here."""
     sock = bind_socket(host, port)
-    server = _quiet_server_class()(_config(app, log_level))
+    server = _server_class()(_config(app, log_level))
+    server.on_shutdown = on_shutdown
     if on_ready is not None:
         threading.Thread(target=_notify_when_started, args=(server, on_ready, sock), daemon=True).start()
     try:
@@ -81,8 +95,9 @@ class ServerThread:
     """`with ServerThread(app) as s: ... s.url ...`: uvicorn on a free loopback port, always shut down."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 start_timeout: float = 30.0):
+                 start_timeout: float = 30.0, on_shutdown=None):
         self.app, self.host, self.port, self.log_level, self.start_timeout = app, host, port, log_level, start_timeout
+        self.on_shutdown = on_shutdown
         self.server = None
         self.thread: Optional[threading.Thread] = None
         self.sock: Optional[socket.socket] = None
@@ -92,11 +107,10 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> "ServerThread":
-        import uvicorn
-
         self.sock = bind_socket(self.host, self.port)
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(_config(self.app, self.log_level))
+        self.server = _server_class()(_config(self.app, self.log_level))
+        self.server.on_shutdown = self.on_shutdown
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="mixq-uvicorn", daemon=True)
         self.thread.start()

@@ -52,6 +52,8 @@ class GenRequest:
     tools: list = field(default_factory=list)  # ToolFormat, when the request offered tools
     prompt_logprobs: bool = False  # echo with logprobs: score every prompt token
     checkpoint: int = 0  # prompt length worth caching on its own (the conversation before this turn)
+    constraint: Optional[Callable[[], Callable]] = None  # a fresh grammar logits processor per generation
+    parallel_tool_calls: bool = True  # False: a second tool call is dropped
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Output:
     tokens: list = field(default_factory=list)  # TokenInfo of generated tokens, when logprobs were asked
     prompt_tokens: Optional[list] = None  # echo scoring: TokenInfo per prompt token (first is None)
     finish_reason: Optional[str] = None
+    stop_text: Optional[str] = None  # the stop string that ended the output
     usage: Optional[dict] = None
     error: Optional[str] = None
 
@@ -160,6 +163,8 @@ def make_processors(req: GenRequest, vocab_size: int) -> list:
         procs.append(make_presence_penalty(req.params.presence_penalty, context_size=256))
     if req.params.frequency_penalty:
         procs.append(make_frequency_penalty(req.params.frequency_penalty, context_size=256))
+    if req.constraint is not None:  # last: it only ever removes tokens
+        procs.append(req.constraint())
     return procs
 
 
@@ -197,12 +202,49 @@ def token_infos(logprobs: mx.array, chosen: list, k: int, text: TokenText) -> li
     return out
 
 
+class IncrementalText:
+    """Generated token ids -> text, exactly as the tokenizer decodes the prompt's tail followed by them.
+
+    mlx-lm's streaming detokenizers drop the first token's leading space (a chat reply starts a message), which
+    breaks completions: `God` + ` of` must read `God of`. Each step decodes a short window (a few tokens of
+    context, then the new ones) and emits what the new ones added; a partial UTF-8 character waits."""
+
+    CONTEXT = 4
+
+    def __init__(self, tokenizer, prompt: list):
+        self.decode = tokenizer.decode
+        self.tokens = list(prompt[-self.CONTEXT:])
+        self.start = 0  # the window's first token
+        self.read = len(self.tokens)  # tokens whose text is out
+
+    def _tail(self) -> str:
+        before = self.decode(self.tokens[self.start:self.read]) if self.read > self.start else ""
+        now = self.decode(self.tokens[self.start:])
+        return now[len(before):] if now.startswith(before) else now[len(before.rstrip("\ufffd")):]
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self._tail()
+        if text.endswith("\ufffd"):
+            return ""
+        self.start, self.read = self.read, len(self.tokens)
+        return text
+
+    def flush(self) -> str:
+        """What a partial character held back (shown as U+FFFD), at the end of the output."""
+        if self.read == len(self.tokens):
+            return ""
+        text = self._tail()
+        self.start, self.read = self.read, len(self.tokens)
+        return text
+
+
 class Sequence:
     """A request being generated: bookkeeping and the token pipeline."""
 
     def __init__(self, req: GenRequest, tokenizer, sink: Callable[[Output], Any], token_text: TokenText):
         self.req, self.sink, self.text_of = req, sink, token_text
-        self.detok = tokenizer.detokenizer
+        self.detok = IncrementalText(tokenizer, req.prompt)
         self.eos = set(tokenizer.eos_token_ids)
         self.stop = StopFilter(req.params.stop)
         t = req.thinking
@@ -244,25 +286,27 @@ class Sequence:
             out.tokens = token_infos(logprobs[None], [token], p.top_logprobs, self.text_of)
         if self.tracker is not None:
             self.tracker.feed(token)
-        finish = None
+        finish, piece = None, ""
         if token in self.eos:
             finish = "stop"
-            self.detok.finalize()
         else:
-            self.detok.add_token(token)
+            piece = self.detok.add(token)
             if self.n >= p.max_tokens or backend_finish == "length":
                 finish = "length"
-                self.detok.finalize()
         finish = finish or backend_finish
-        text = self.stop.feed(self.detok.last_segment)
+        if finish:
+            piece += self.detok.flush()
+        text = self.stop.feed(piece)
         if self.stop.stopped:
-            finish = "stop"
+            finish, out.stop_text = "stop", self.stop.matched
         elif finish:
             text += self.stop.flush()
         if self.parser is not None:
             out.delta = self.parser.feed(text)
             if finish:
                 out.delta.add(self.parser.finish())
+            if not self.req.parallel_tool_calls:
+                out.delta.tool_calls = out.delta.tool_calls[: max(0, 1 - self.n_tool_calls)]
             self.n_tool_calls += len(out.delta.tool_calls)
             if finish == "stop" and self.n_tool_calls:
                 finish = "tool_calls"
@@ -280,5 +324,5 @@ class Sequence:
         self.emit(out)
 
 
-__all__ = ["SamplingParams", "ThinkingPolicy", "GenRequest", "TokenInfo", "Output", "Sequence", "ToolFormat",
+__all__ = ["IncrementalText", "SamplingParams", "ThinkingPolicy", "GenRequest", "TokenInfo", "Output", "Sequence", "ToolFormat",
            "make_sampler", "make_processors", "greedy", "token_infos", "TokenText", "Delta"]

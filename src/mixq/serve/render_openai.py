@@ -10,9 +10,14 @@ from mixq.serve.parsing import Delta, openai_tool_call
 from mixq.serve.sequence import GenRequest, Output, TokenInfo
 
 
-def sse(obj) -> str:
+def sse(obj, event: Optional[str] = None) -> str:
     data = obj.model_dump(exclude_none=True) if hasattr(obj, "model_dump") else obj
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    if isinstance(obj, (P.ChatCompletionChunk, P.CompletionResponse)):  # OpenAI sends these keys as null
+        for c, choice in zip(data["choices"], obj.choices):
+            c["finish_reason"] = choice.finish_reason
+            c.setdefault("logprobs", None)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 def _bytes(s: str) -> list:
