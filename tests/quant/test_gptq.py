@@ -9,9 +9,8 @@ from mixq.core.anatomy import describe
 from mixq.core.formats import AFFINE_BITS, AFFINE_GROUPS, Format, quantize_dequantize
 from mixq.core.forward import BlockRunner
 from mixq.core.modelio import load
-from mixq.quant import hessian
 from mixq.quant.gptq import Rounding, gptq_2d, pack
-from mixq.quant.sensitivity import candidate_items
+from mixq.core.errors import MixqError
 
 
 @pytest.mark.parametrize("bits", AFFINE_BITS)
@@ -96,76 +95,56 @@ def test_rounding_arrays_match_mlx_layers_and_switch_experts():
     assert r.name_for("sw.weight", fmt) == "gptq" and r.name_for("sw.weight", Format("float")) == "float"
 
 
-def test_hessians_from_the_real_layers(nemotron_moe):
-    lm = load(nemotron_moe)
+def _calibrated(path, tokens, paths_filter=None):
+    """A Calibration whose Hessians are filled (head Gram, embedding Fisher) without measuring anything."""
+    from mixq.core.formats import parse_candidates
+    from mixq.quant.calibpass import Calibration, make_rounding
+
+    lm = load(path, compute_dtype=None, lazy=True)
     a = describe(lm.model, lm.config)
-    tokens = mx.array(np.random.default_rng(0).integers(1, 200, size=(3, 24)).astype(np.int32))
-    paths = [t.path for t in candidate_items(a)]
-    H = hessian.collect(lm.model, a, tokens, paths, batch_size=2, progress=False)
-    types = {t.path: t.module_type for t in a.tensors}
-    assert {types[p] for p in H} >= {"Linear", "SwitchLinear", "Embedding"}
-    assert set(H) == {p for p in paths if types[p] in ("Linear", "SwitchLinear", "Embedding")}
-    # lm_head's is exactly the Gram of the final normed hidden states
-    r = BlockRunner(lm.model)
-    hn = []
-    for s in (0, 2):
-        h = r.embed(tokens[s:s + 2])
-        for i in range(r.num_blocks):
-            h = r.block(i, h)
-        hn.append(np.array(r.norm(h), dtype=np.float64).reshape(-1, h.shape[-1]))
-    X = np.concatenate(hn)
-    assert np.allclose(H["lm_head.weight"], X.T @ X, rtol=1e-4, atol=1e-3)
-    for p, h in H.items():
-        mats = h.reshape(-1, *h.shape[-2:])
-        assert all(np.linalg.eigvalsh(m.astype(np.float64)).min() > -1e-3 * max(np.trace(m), 1e-9) for m in mats)
-    # block Hessians are computed lazily, one block held at a time, and recomputed identically
-    blocks = {a.tensor(p).layer for p in H if a.tensor(p).layer is not None}
-    assert H.blocks_computed == len(blocks)  # the walk above visited each block once
-    first = next(p for p in H if a.tensor(p).layer is not None)
-    again = H[first].copy()
-    assert H.blocks_computed == len(blocks) + 1 and np.array_equal(again, H[first])
-    # a layer the text never reaches has no data: a zero H, which GPTQ treats as plain rounding
-    H._inputs[a.tensor(first).layer] = []
-    H._block = (None, {})
-    assert not H[first].any() and H[first].shape == (a.tensor(first).shape[-1],) * 2
-    sw = next(p for p in H if types[p] == "SwitchLinear")
-    t = a.tensor(sw)
-    assert H[sw].shape == (t.shape[0], t.shape[-1], t.shape[-1])  # one per expert
-    # the model is left exactly as it was: no recorder wrappers remain
-    assert not any(type(m).__name__ == "Recorder" for _, m in lm.model.named_modules())
-    out = lm.model(tokens)
-    assert out.shape[:2] == tokens.shape
+    rounding, H = make_rounding(a, "gptq")
+    cal = Calibration(lm.runner(), a, tokens, parse_candidates("4:64,float"), rounding=rounding, hessians=H,
+                      method="estimate", target_bpw=4.5, source_dtypes=lm.source_dtypes, batch_size=2)
+    cal.prepare_rounding()
+    return lm, a, rounding, H
 
 
 def test_gptq_lowers_kl_of_the_output_layer(nemotron_dense):
-    """What GPTQ is for: the same format, lower KL than round-to-nearest, on a real forward."""
-    lm = load(nemotron_dense)
-    a = describe(lm.model, lm.config)
+    """What GPTQ is for: the same format, lower KL than round-to-nearest, on a real forward; and the head's
+    H is exactly the Gram of the final normed hidden states."""
     tokens = mx.array(np.random.default_rng(0).integers(1, 200, size=(4, 32)).astype(np.int32))
-    H = hessian.collect(lm.model, a, tokens, ["lm_head.weight"], progress=False)
-    ref = nn.log_softmax(lm.model(tokens), axis=-1)
-    w = lm.model.lm_head.weight
+    lm, a, rounding, H = _calibrated(nemotron_dense, tokens)
+    f32 = load(nemotron_dense)
+    r = BlockRunner(f32.model)
+    h = r.embed(tokens)
+    for i in range(r.num_blocks):
+        h = r.block(i, h)
+    X = r.norm(h).reshape(-1, h.shape[-1])
+    assert mx.allclose(H["lm_head.weight"], X.T @ X, rtol=1e-4, atol=1e-3).item()
+    ref = nn.log_softmax(f32.model(tokens), axis=-1)
+    w = f32.model.lm_head.weight
     fmt = Format.affine(2, 64)
 
     def kl(wd):
-        lm.model.lm_head.weight = wd
-        lq = nn.log_softmax(lm.model(tokens), axis=-1)
-        lm.model.lm_head.weight = w
+        f32.model.lm_head.weight = wd
+        lq = nn.log_softmax(f32.model(tokens), axis=-1)
+        f32.model.lm_head.weight = w
         return (mx.exp(ref) * (ref - lq)).sum(-1).mean().item()
 
     src = w.astype(mx.bfloat16)
-    assert kl(Rounding(H).qdq("lm_head.weight", src, fmt)) < 0.9 * kl(quantize_dequantize(src, fmt))
+    assert kl(rounding.qdq("lm_head.weight", src, fmt)) < 0.9 * kl(quantize_dequantize(src, fmt))
 
 
 def test_tied_embedding_gets_both_roles(qwen3):
     """A tied embedding is both a lookup table and the output layer: its H carries both second moments."""
-    lm = load(qwen3)
-    a = describe(lm.model, lm.config)
-    assert BlockRunner(lm.model).tied
     tokens = mx.array(np.random.default_rng(0).integers(1, 200, size=(2, 16)).astype(np.int32))
-    paths = [t.path for t in candidate_items(a)]
-    H = hessian.collect(lm.model, a, tokens, paths, progress=False)
+    lm, a, rounding, H = _calibrated(qwen3, tokens)
+    assert lm.runner().tied
     emb = "model.embed_tokens.weight"
-    assert emb in H and H[emb].shape == (a.tensor(emb).shape[1],) * 2
-    assert np.trace(H[emb].astype(np.float64)) == pytest.approx(2.0, rel=1e-4)  # two trace-normalised parts
-    assert any(t.startswith("model.layers.0.") for t in H)
+    assert emb in H and tuple(H[emb].shape) == (a.tensor(emb).shape[1],) * 2
+    assert mx.trace(H[emb]).item() == pytest.approx(2.0, rel=1e-4)  # two trace-normalised parts
+    assert rounding.uses_gptq(emb, Format.affine(4, 64))
+    # block tensors have their H only while a sweep is at their block: asking elsewhere is an error
+    block = next(p for p in H if p.startswith("model.layers.0."))
+    with pytest.raises(MixqError, match="block the sweep is not at"):
+        H[block]

@@ -81,15 +81,18 @@ def test_anthropic_defaults_errors_and_forced_tools(served):
     c = claude(srv)
     off = c.messages.create(model="m", max_tokens=8, messages=[{"role": "user", "content": "Say hi."}])
     assert all(b.type != "thinking" for b in off.content)  # no thinking unless asked for (Anthropic's default)
-    forced = c.messages.create(model="m", max_tokens=64, messages=[{"role": "user", "content": "Say hi."}],
-                               tools=A_TOOLS, tool_choice={"type": "tool", "name": "get_weather"}, thinking=THINK)
+    # the grammar bounds the call (city at most 20 characters) so it ends whatever the model would write
+    bounded = [{**A_TOOLS[0], "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                                               "required": ["city"], "additionalProperties": False}}]
+    forced = c.messages.create(model="m", max_tokens=160, messages=[{"role": "user", "content": "Say hi."}],
+                               tools=bounded, tool_choice={"type": "tool", "name": "get_weather"}, thinking=THINK)
     schema = {"type": "object", "properties": {"greeting": {"enum": ["hi", "hello"]}}, "required": ["greeting"],
               "additionalProperties": False}
     shaped = c.messages.create(model="m", max_tokens=40, messages=[{"role": "user", "content": "Say hi."}],
                                output_config={"format": {"type": "json_schema", "schema": schema}})
     assert json.loads(shaped.content[-1].text)["greeting"] in ("hi", "hello")
     assert forced.stop_reason == "tool_use" and forced.content[-1].name == "get_weather"
-    jsonschema.validate(forced.content[-1].input, A_TOOLS[0]["input_schema"])
+    jsonschema.validate(forced.content[-1].input, bounded[0]["input_schema"])
     assert c.messages.count_tokens(model="m", messages=ASK).input_tokens > 0
     with pytest.raises(anthropic.BadRequestError) as e:
         c.messages.create(model="m", max_tokens=8, messages=[{"role": "user", "content": [

@@ -25,6 +25,15 @@ def add_arguments(p) -> None:
                    help="how weights are rounded to affine formats: gptq (error-compensating, against "
                         "calibration second moments; default) or rtn (round to nearest, like mlx-lm)")
     p.add_argument("--sensitivity", help="reuse a sensitivity.json measured with the same settings")
+    p.add_argument("--sensitivity-method", choices=("estimate", "exact"), default="estimate",
+                   help="estimate (default): per-position Fisher estimates from one backward pass, calibrated per "
+                        "tensor kind on a small exact subset; exact: every (tensor, format) pair measured")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every tensor with its candidates and bytes, the feasible bpw range and the memory "
+                        "the run needs, then exit")
+    p.add_argument("--stream-weights", choices=("auto", "on", "off"), default="auto",
+                   help="read each block's weights from disk when a pass needs them instead of keeping the model "
+                        "in memory (auto: when the model would not leave ample room)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -43,11 +52,15 @@ def run(args) -> int:
     opts = ConvertOptions(
         model=args.model, out=args.out, target_bpw=args.target_bpw, candidates=args.candidates,
         calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        rounding=args.rounding,
-        sensitivity=args.sensitivity, force=args.force, progress=not (args.quiet or args.json),
+        rounding=args.rounding, sensitivity_method=args.sensitivity_method, dry_run=args.dry_run,
+        stream_weights=args.stream_weights,
+        sensitivity=args.sensitivity, force=args.force, progress=not args.quiet,
         command=["mixq", "convert", *sys.argv[2:]] if sys.argv[1:2] == ["convert"] else [],
     )
     report = convert(opts)
+    if report.get("dry_run"):
+        print(json.dumps(report["preflight"], indent=2, sort_keys=True) if args.json else report["text"])
+        return 0
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
@@ -55,11 +68,17 @@ def run(args) -> int:
     print(f"wrote {report['out']}  ({plan['achieved_bpw']:.4f} bpw, target {plan['target_bpw']}, "
           f"{report['disk_bytes'] / 1e6:.2f} MB of weights on disk; "
           f"verified with mlx_lm.load: {report['verify']['modules_checked']} modules)")
-    print(f"sensitivity: {cost['measurements']} measurements, {cost['block_forwards']} block-forwards "
-          f"(naive sweep {cost['naive_block_forwards']}), {cost['seconds']} s")
+    print(f"sensitivity ({report['sensitivity_method']}): {cost['measurements']} (tensor, format) pairs, "
+          f"{cost['exact_measurements']} measured exactly; {cost['total_block_forward_equivalents']:.0f} block-forward "
+          f"equivalents (exact pass {cost['exact_pass_block_forward_equivalents']:.0f}, naive sweep "
+          f"{cost['naive_block_forward_equivalents']:.0f}), {cost['total_seconds']} s")
+    fit = report.get("calibration_fit")
+    if fit:
+        print("calibration (exact / estimate, per kind): " + ", ".join(
+            f"{k} x{v['c']:.2f} (n={v['n']})" for k, v in fit["kinds"].items() if v["n"]))
     rnd = report["rounding"]
-    print(f"rounding: {rnd['method']} ({', '.join(f'{n} {k}' for k, n in rnd['tensors'].items() if n)}), "
-          f"hessians {report['seconds']['hessians']} s")
+    print(f"rounding: {rnd['method']} ({', '.join(f'{n} {k}' for k, n in rnd['tensors'].items() if n)})")
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, measured {plan['measured_kl_calibration']:.5f}"
           + ("  [refined: " + report["refinement"]["reason"] + "]" if report["refinement"]["applied"] else ""))
     print()

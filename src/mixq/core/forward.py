@@ -1,40 +1,60 @@
-"""A model run as embed -> blocks -> final norm -> head, so a pass can start at any block.
+"""A model run as embed -> blocks -> final norm -> head, one block resident in the compute dtype at a time.
 
-Sensitivity measurement perturbs one tensor in block i and re-runs only blocks i..N from cached block
-inputs; KL evaluation reuses the same pieces. Two families are wired explicitly (nemotron_h, and the
-llama-style `model.model.{embed_tokens,layers,norm}` layout most mlx-lm models share); every runner is
-checked against the model's own forward at construction, so an architecture that differs is refused
-rather than measured wrongly.
+Weights stay in their stored dtype (bf16 for the models mixq is for); `resident(i)` gives block i's floating
+parameters in the compute dtype (float32 on the CPU, where bf16 is slow and bf16 MoE fails) while a pass
+runs it, and puts the stored arrays back after, so a pass over a 60 GB model holds one block in float32.
+`overrides` replace weights by path for the same span (fake-quantized tensors). The embedding is looked up
+in its stored dtype and the lookup cast; the head is run by `mixq.core.head.Head` in vocabulary chunks.
+
+Two families are wired explicitly (nemotron_h, and the llama-style `model.model.{embed_tokens,layers,norm}`
+layout most mlx-lm models share); every runner is checked against the model's own forward at construction
+(layers evaluated one at a time), so an architecture that differs is refused rather than measured wrongly.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 from mixq.core.errors import MixqError
 
 
 class BlockRunner:
-    def __init__(self, model, check: bool = True):
+    """`source` (a `LazyWeights`) with `retain=False`: every block, the embedding and the head are read
+    fresh from the files when used and let go after (memory: one block); otherwise the model's own arrays
+    are used and, once read, kept (memory: the stored model)."""
+
+    def __init__(self, model, check: bool = True, compute_dtype: str | None = "float32", *, source=None,
+                 retain: bool = True):
+        import mlx.core as mx
         from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 
         self.model = model
         self._attn_mask = create_attention_mask
         self._ssm_mask = create_ssm_mask
+        self.compute = getattr(mx, compute_dtype) if compute_dtype else None
+        self.source, self.retain = source, retain or source is None
+        self._held: dict = {}  # prefix -> stored arrays of a module while it is resident
         if hasattr(model, "backbone") and hasattr(model.backbone, "embeddings"):
             inner = model.backbone
             self.family = "nemotron_h"
             self.embedding = inner.embeddings
             self.final_norm = inner.norm_f
             self.embed_path = "backbone.embeddings"
+            self.layers_path = "backbone.layers"
+            self.norm_path = "backbone.norm_f"
         elif hasattr(model, "model") and hasattr(model.model, "embed_tokens") and hasattr(model.model, "norm"):
             inner = model.model
             self.family = "llama-like"
             self.embedding = inner.embed_tokens
             self.final_norm = inner.norm
             self.embed_path = "model.embed_tokens"
+            self.layers_path = "model.layers"
+            self.norm_path = "model.norm"
         else:
             raise MixqError(f"{type(model).__module__}: layer-wise runner does not know this architecture")
         self.layers = list(inner.layers)
         self.tied = not hasattr(model, "lm_head")
+        self.head_path = f"{self.embed_path}.weight" if self.tied else "lm_head.weight"
         if check:
             self._check()
 
@@ -42,8 +62,80 @@ class BlockRunner:
     def num_blocks(self) -> int:
         return len(self.layers)
 
-    def embed(self, tokens):
-        return self.embedding(tokens)
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layers_path}.{i}."
+
+    # -- residency ---------------------------------------------------------------------------------
+    def _cast(self, a):
+        import mlx.core as mx
+
+        if self.compute is None or not mx.issubdtype(a.dtype, mx.floating) or a.dtype == self.compute:
+            return a
+        return a.astype(self.compute)
+
+    @contextmanager
+    def resident(self, i: int, overrides: dict | None = None):
+        """Block i's floats in the compute dtype (and `overrides`, full path -> array) while inside."""
+        with self.module_resident(self.layers[i], self.layer_prefix(i), overrides):
+            yield
+
+    def stored(self, prefix: str, module=None) -> dict:
+        """Arrays in their stored dtype by full path: fresh from the files (streaming) or the model's own."""
+        from mlx.utils import tree_flatten
+
+        if prefix in self._held:
+            return self._held[prefix]
+        if not self.retain:
+            return self.source.fresh(prefix)
+        if module is None:
+            return {k: v for k, v in tree_flatten(self.model.parameters()) if k.startswith(prefix)}
+        return {prefix + k: v for k, v in tree_flatten(module.parameters())}
+
+    @contextmanager
+    def module_resident(self, module, prefix: str, overrides: dict | None = None):
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        own = tree_flatten(module.parameters())
+        arrays = self.stored(prefix, module)
+        self._held[prefix] = arrays
+        over = overrides or {}
+        module.update(tree_unflatten([(k, over[prefix + k] if prefix + k in over else self._cast(arrays[prefix + k]))
+                                      for k, _ in own]))
+        try:
+            yield
+        finally:
+            self._held.pop(prefix, None)
+            if self.retain:
+                module.update(tree_unflatten([(k, arrays[prefix + k]) for k, _ in own]))
+            else:  # unread arrays again: nothing of this block stays in memory
+                fresh = self.source.fresh(prefix)
+                module.update(tree_unflatten([(k, fresh[prefix + k]) for k, _ in own]))
+
+    @contextmanager
+    def swap(self, i: int, overrides: dict):
+        """Inside `resident(i)`: the weights in `overrides` (full path -> array) replaced, then put back."""
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        if not overrides:
+            yield
+            return
+        layer, prefix = self.layers[i], self.layer_prefix(i)
+        own = dict(tree_flatten(layer.parameters()))
+        rel = {k[len(prefix):]: v for k, v in overrides.items()}
+        layer.update(tree_unflatten(list(rel.items())))
+        try:
+            yield
+        finally:
+            layer.update(tree_unflatten([(k, own[k]) for k in rel]))
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def embed_table(self):
+        return self.stored(self.embed_path + ".", self.embedding)[f"{self.embed_path}.weight"]
+
+    def embed(self, tokens, table=None):
+        """Embedding lookup in the stored dtype (or `table`), cast: a 131k-row table is never cast whole."""
+        w = self.embed_table() if table is None else table
+        return self._cast(w[tokens])
 
     def block(self, i: int, h):
         layer = self.layers[i]
@@ -57,27 +149,94 @@ class BlockRunner:
         return layer(h, self._attn_mask(h, None), None)
 
     def norm(self, h):
-        return self.final_norm(h)
+        with self.module_resident(self.final_norm, self.norm_path + "."):
+            return self.final_norm(h)
 
-    def project(self, hn):
-        if self.tied:
-            return self.embedding.as_linear(hn)
-        return self.model.lm_head(hn)
+    def head(self, overrides: dict | None = None):
+        """The output projection as a chunked `Head` (the head weight replaced by `overrides` if given)."""
+        from mixq.core.head import Head
 
-    def run(self, tokens=None, *, h=None, start: int = 0):
-        """Logits from tokens, or from block `start`'s input `h`."""
+        import mlx.core as mx
+
+        over = (overrides or {}).get(self.head_path)
+        bias = None
+        if not self.tied:
+            arrays = self.stored("lm_head.", self.model.lm_head)
+            bias = arrays.get("lm_head.bias")
+        if over is not None:
+            return Head(over, bias=bias, compute=self.compute)
+        w = self.embed_table() if self.tied else arrays["lm_head.weight"]
+        mx.eval(w)  # read once in the stored dtype for every chunk of this head's use
+        return Head(w, bias=bias, compute=self.compute)
+
+    def run(self, tokens=None, *, h=None, start: int = 0, overrides: dict | None = None):
+        """Full logits from tokens, or from block `start`'s input `h` (small inputs: checks and tests)."""
+        import mlx.core as mx
+
         if h is None:
-            h = self.embed(tokens)
+            h = self.embed(tokens, (overrides or {}).get(f"{self.embed_path}.weight"))
         for i in range(start, self.num_blocks):
-            h = self.block(i, h)
-        return self.project(self.norm(h))
+            with self.resident(i, overrides):
+                h = self.block(i, h)
+                mx.eval(h)
+        return self.head(overrides).logits(self.norm(h))
 
     def _check(self):
         import mlx.core as mx
 
         tokens = mx.array([[(7 * i + 3) % 50 + 1 for i in range(12)]], dtype=mx.int32)
-        ours, theirs = self.run(tokens), self.model(tokens)
+        ours = self.run(tokens)
+        theirs = self._model_forward(tokens)
         err = mx.abs(ours.astype(mx.float32) - theirs.astype(mx.float32)).max().item()
         scale = mx.abs(theirs.astype(mx.float32)).max().item() + 1e-6
-        if not err <= 1e-3 * scale:
+        if not err <= 2e-3 * scale:
             raise MixqError(f"layer-wise runner disagrees with the model's forward ({self.family}, err {err:.3g})")
+
+    def _model_forward(self, tokens):
+        """The model's own forward, each layer resident in the compute dtype only while it runs; the
+        embedding and head go through our chunked pieces (a 131k-row table is never cast whole)."""
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        runner, head = self, self.head()
+
+        class Resident(nn.Module):
+            def __init__(self, i, inner):
+                super().__init__()
+                self.i, self.inner = i, inner
+                if hasattr(inner, "block_type"):  # nemotron_h's forward picks each layer's mask by it
+                    self.block_type = inner.block_type
+
+            def __call__(self, *args, **kwargs):
+                with runner.resident(self.i):
+                    out = self.inner(*args, **kwargs)
+                    mx.eval(out)
+                return out
+
+        class Lookup(nn.Module):
+            def __call__(self, x):
+                return runner.embed(x)
+
+            def as_linear(self, h):
+                return head.logits(h)
+
+        class Project(nn.Module):
+            def __call__(self, h):
+                return head.logits(h)
+
+        container = self.model.backbone if self.family == "nemotron_h" else self.model.model
+        emb_name = "embeddings" if self.family == "nemotron_h" else "embed_tokens"
+        saved = {"layers": container.layers, emb_name: getattr(container, emb_name)}
+        container.layers = [Resident(i, l) for i, l in enumerate(saved["layers"])]
+        setattr(container, emb_name, Lookup())
+        lm_head = None if self.tied else self.model.lm_head
+        if lm_head is not None:
+            self.model.lm_head = Project()
+        try:
+            with self.module_resident(self.final_norm, self.norm_path + "."):
+                return self.model(tokens).astype(mx.float32)
+        finally:
+            for k, v in saved.items():
+                setattr(container, k, v)
+            if lm_head is not None:
+                self.model.lm_head = lm_head

@@ -149,6 +149,13 @@ class LoadedModel:
     # dtype of every parameter as stored on disk (before the float32 compute cast): what a written
     # model keeps for float tensors and what affine scales/biases inherit
     source_dtypes: dict = field(default_factory=dict)
+    weights: Any = None  # LazyWeights: fresh unread arrays from the files, for passes that stream
+
+    def runner(self, *, retain: bool = True, check: bool = True, compute_dtype: str | None = "float32"):
+        """A BlockRunner over this model; retain=False streams every block from the files."""
+        from mixq.core.forward import BlockRunner
+
+        return BlockRunner(self.model, check=check, compute_dtype=compute_dtype, source=self.weights, retain=retain)
 
 
 def cast_floats(model, dtype) -> None:
@@ -162,7 +169,9 @@ def cast_floats(model, dtype) -> None:
 
 def load(name: str | os.PathLike, *, compute_dtype: str | None = "float32", lazy: bool = False,
          revision: str | None = None) -> LoadedModel:
-    """Resolve, validate and load with mlx-lm; cast floats to `compute_dtype` (None keeps stored dtypes)."""
+    """Resolve, validate and load with mlx-lm; cast floats to `compute_dtype` (None keeps stored dtypes).
+
+    `lazy=True` with `compute_dtype=None` reads nothing: weights come from the files as passes use them."""
     import mlx.core as mx
     from mlx_lm import load as lm_load
 
@@ -177,8 +186,10 @@ def load(name: str | os.PathLike, *, compute_dtype: str | None = "float32", lazy
     source = {k: str(v.dtype).rsplit(".", 1)[-1] for k, v in tree_flatten(model.parameters())}
     if compute_dtype is not None:
         cast_floats(model, getattr(mx, compute_dtype))
+    from mixq.core.weights import LazyWeights
+
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, name=str(name),
-                       source_dtypes=source)
+                       source_dtypes=source, weights=LazyWeights(path, model))
 
 
 def fingerprint(path: Path) -> str:

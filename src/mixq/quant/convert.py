@@ -1,10 +1,12 @@
-"""`convert`: measure -> allocate -> check end to end -> write -> verify, as one replayable function.
+"""`convert`: size -> measure -> allocate -> evaluate and write -> verify -> held-out check, replayable.
 
 Every stage leaves a JSON document: sensitivity.json (reusable, keyed by every setting that affects it),
 plan.json (the choice, its size and its predicted and measured KL) and report.json (the comparison with
-uniform quants of neighbouring size, timings). Output is written to a temporary sibling directory and
-renamed into place only after `mlx_lm.load` has read it back and matched the plan; the sensitivity pass
-streams to `OUT.mixq-work/` so an interrupted run resumes there.
+uniform quants of neighbouring size, costs and timings). Weights stay in their stored dtype and are read
+block by block; the plan's tensors are rounded and written to shards as one sweep evaluates them, into a
+temporary sibling directory renamed into place only after `mlx_lm.load` has read it back and matched the
+plan. The held-out numbers are measured on the written files. The calibration passes stream to
+`OUT.mixq-work/`, so an interrupted run resumes there.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,21 @@ import mixq
 from mixq.core.anatomy import describe
 from mixq.core.errors import MixqError
 from mixq.core.formats import DEFAULT_CANDIDATES, Format, parse_candidates, tensor_bytes
-from mixq.core.modelio import check_finite, fingerprint, load
-from mixq.quant import calibration, hessian
-from mixq.quant.apply import quantize_in_place, verify, write_model
-from mixq.quant.evaluate import Evaluator
-from mixq.quant.gptq import RTN
+from mixq.core.modelio import fingerprint, load
+from mixq.core.progress import Progress
+from mixq.core.stwriter import MLX_SHARD_BYTES
+from mixq.quant import calibration
+from mixq.quant.apply import verify
+from mixq.quant.calibpass import Calibration, make_rounding
+from mixq.quant.evaluate import WrittenModel, evaluate
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
-from mixq.quant.sensitivity import METHOD, candidate_items, load_sensitivity, measure
+from mixq.quant.preflight import format_preflight, preflight
+from mixq.quant.sensitivity import FORMAT, METHODS, load_sensitivity
+from mixq.quant.sweep import Stream
+from mixq.quant.write import PlanWriter, quantization_config
 
 BASELINES = ("4:64", "4:32", "mixed_4_6")
+REFINE_UNIFORM = 2  # the largest uniform formats that fit the budget are measured against the plan
 
 
 @dataclass
@@ -43,10 +50,15 @@ class ConvertOptions:
     seq_len: int = 256
     seed: int = 0
     sensitivity: str | None = None
+    sensitivity_method: str = "estimate"
     heldout_samples: int = 32
     rounding: str = "gptq"
     force: bool = False
     progress: bool = True
+    dry_run: bool = False
+    stream_weights: str = "auto"
+    batch_size: int = 8
+    max_shard_bytes: int = MLX_SHARD_BYTES
     command: list[str] = field(default_factory=list)
 
 
@@ -61,146 +73,117 @@ def _dump(doc: dict, path: Path) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def _log(opts: ConvertOptions, msg: str) -> None:
-    if opts.progress:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _desc(opts: ConvertOptions, text: str) -> str | None:
-    return text if opts.progress else None
-
-
-def convert(opts: ConvertOptions) -> dict:
-    t_start = time.perf_counter()
+def _check_options(opts: ConvertOptions) -> Path:
     if not (0 < opts.target_bpw <= 32):
         raise MixqError(f"--target-bpw must be in (0, 32], got {opts.target_bpw}")
     if opts.samples < 1 or opts.seq_len < 8:
         raise MixqError("--samples must be >= 1 and --seq-len >= 8")
-    out = Path(opts.out or f"{Path(str(opts.model)).name}-mixq-{opts.target_bpw:g}bpw").expanduser()
-    if out.exists() and not opts.force:
-        raise MixqError(f"{out} already exists (use --force to replace it)")
     if opts.rounding not in ("gptq", "rtn"):
         raise MixqError(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
+    if opts.sensitivity_method not in METHODS:
+        raise MixqError(f"--sensitivity-method must be one of {', '.join(METHODS)}, got {opts.sensitivity_method!r}")
+    if opts.stream_weights not in ("auto", "on", "off"):
+        raise MixqError(f"--stream-weights must be auto, on or off, got {opts.stream_weights!r}")
+    out = Path(opts.out or f"{Path(str(opts.model)).name}-mixq-{opts.target_bpw:g}bpw").expanduser()
+    if out.exists() and not opts.force and not opts.dry_run:
+        raise MixqError(f"{out} already exists (use --force to replace it)")
+    return out
+
+
+def _check_finite(lm) -> None:
+    """NaN/Inf anywhere in the floating weights is a broken model: refuse it by name (read one at a time)."""
+    import mlx.core as mx
+
+    for k, v in lm.weights.fresh().items():
+        if mx.issubdtype(v.dtype, mx.floating) and not mx.isfinite(v).all().item():
+            raise MixqError(f"weight {k} contains NaN or Inf")
+
+
+def convert(opts: ConvertOptions) -> dict:
+    t_start = time.perf_counter()
+    prog = Progress(opts.progress)
+    out = _check_options(opts)
     candidates = parse_candidates(opts.candidates) if opts.candidates else list(DEFAULT_CANDIDATES)
     if Format("float") not in candidates:
         candidates.append(Format("float"))
     docs = calibration.load_documents(opts.calibration)
 
-    lm = load(opts.model)
-    check_finite(lm.model)
+    lm = load(opts.model, compute_dtype=None, lazy=True)
     anatomy = describe(lm.model, lm.config)
     if any(t.current for t in anatomy.tensors):
         raise MixqError(f"{opts.model} is already quantized; convert from the float model")
     windows = calibration.make_windows(docs, lm.tokenizer, n_samples=opts.samples, seq_len=opts.seq_len,
                                        seed=opts.seed)
-    t0 = time.perf_counter()
-    rounding = RTN
-    if opts.rounding == "gptq":
-        rounding = hessian.gptq_rounding(lm.model, anatomy, windows.tokens, seed=opts.seed, progress=opts.progress)
-    t_hess = time.perf_counter() - t0
+    emb = next(t for t in anatomy.tensors if t.module_type == "Embedding")
+    top_k = int(lm.config.get("num_experts_per_tok") or 1)
+    pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
+                   batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=top_k,
+                   stream_weights=opts.stream_weights)
+    if opts.dry_run:
+        return {"dry_run": True, "target_bpw": opts.target_bpw, "preflight": pf.to_dict(),
+                "text": format_preflight(pf, opts.target_bpw)}
+    pf.check_target(opts.target_bpw)
+    pf.check_memory()
+    prog.log(f"{len(pf.tensors)} tensors, feasible {pf.min_bpw:.3f}..{pf.max_bpw:.3f} bpw, about "
+             f"{pf.peak / 2**30:.2f} GiB needed" + (", weights streamed block by block" if pf.stream_weights else ""))
+    prog.start("reading weights")
+    _check_finite(lm)
+    prog.end()
+    runner = lm.runner(retain=not pf.stream_weights)
+    rounding, hessians = make_rounding(anatomy, opts.rounding)
     key = {
-        "method": METHOD, "rounding": rounding.settings(), "model": fingerprint(lm.path), "candidates": [str(c) for c in candidates],
-        "calibration_sha256": windows.sha256, "samples": opts.samples, "seq_len": opts.seq_len,
-        "seed": opts.seed, "compute_dtype": "float32",
+        "method": METHODS[opts.sensitivity_method], "rounding": rounding.settings(), "model": fingerprint(lm.path),
+        "candidates": [str(c) for c in candidates], "calibration_sha256": windows.sha256, "samples": opts.samples,
+        "seq_len": opts.seq_len, "seed": opts.seed, "compute_dtype": "float32",
+        **({"target_bpw": opts.target_bpw} if opts.sensitivity_method == "estimate" else {}),
     }
-
     work = out.with_name(out.name + ".mixq-work")
-    t0 = time.perf_counter()
+    cal = Calibration(runner, anatomy, windows.tokens, candidates, rounding=rounding, hessians=hessians,
+                      method=opts.sensitivity_method, target_bpw=opts.target_bpw, source_dtypes=lm.source_dtypes,
+                      seed=opts.seed, batch_size=opts.batch_size, partial=work / "sensitivity.partial.jsonl",
+                      key=key, progress=prog)
     if opts.sensitivity:
         sens = load_sensitivity(opts.sensitivity, key)
-        _log(opts, f"sensitivity: reusing {opts.sensitivity}")
+        prog.log(f"sensitivity: reusing {opts.sensitivity}")
+        cal.prepare_rounding()
     else:
-        n_items = len(candidate_items(anatomy))
-        _log(opts, f"sensitivity: {n_items} tensors x {len(candidates)} candidates "
-                   f"on {opts.samples} x {opts.seq_len} calibration tokens")
-        sens = measure(lm.model, anatomy, windows.tokens, candidates, key=key, source_dtypes=lm.source_dtypes,
-                       rounding=rounding, partial=work / "sensitivity.partial.jsonl", progress=opts.progress)
-    t_sens = time.perf_counter() - t0
-
+        prog.log(f"sensitivity ({opts.sensitivity_method}): {len(cal.items)} tensors x "
+                 f"{len(cal.candidates)} formats on {opts.samples} x {opts.seq_len} calibration tokens")
+        sens = {"format": FORMAT, "key": key, **cal.run()}
     plan = make_plan(anatomy, sens, candidates, opts.target_bpw, lm.source_dtypes)
-    params = anatomy.mlx_lm_params
 
-    # end to end: calibration (predicted vs measured) and held-out (reported)
-    _log(opts, "measuring the plan end to end")
-    calib_eval = Evaluator(lm.model, windows.tokens, lm.source_dtypes)
-    mixq_calib = calib_eval.measure(plan_formats(plan), desc=_desc(opts, "plan on calibration"), rounding=rounding)
-    refinement = {"applied": False}
-    best_name, best_fmts, best_kl = None, None, mixq_calib["kl_mean"]
-    for spec in [c for c in candidates if c.is_quantized]:
-        fmts, _ = uniform_formats(anatomy, spec)
-        if plan_bytes(anatomy, lm.source_dtypes, fmts) * 8 / params > opts.target_bpw:
-            continue
-        kl = calib_eval.measure(fmts, desc=_desc(opts, f"uniform {spec} on calibration"), rounding=rounding)["kl_mean"]
-        if kl < best_kl:
-            best_name, best_fmts, best_kl = f"uniform {spec}", fmts, kl
-    if best_name is not None:
-        # interactions made the knapsack's pick worse than a simpler plan that fits: take the simpler one
-        refinement = {"applied": True, "replaced_plan_kl": mixq_calib["kl_mean"],
-                      "reason": f"{best_name} measured lower calibration KL ({best_kl:.4g} < {mixq_calib['kl_mean']:.4g})"}
-        for path, e in plan["tensors"].items():
-            e["format"] = str(best_fmts[path])
-            e["bytes"] = tensor_bytes(e["shape"], best_fmts[path], lm.source_dtypes.get(path, "float32"))
-        plan["total_bytes"] = plan_bytes(anatomy, lm.source_dtypes, best_fmts)
-        plan["achieved_bpw"] = plan["total_bytes"] * 8 / params
-        plan["predicted_kl"] = sum(float(e["sensitivity"].get(e["format"], "nan")) for e in plan["tensors"].values())
-        mixq_calib = calib_eval.measure(plan_formats(plan), rounding=rounding)
-    del calib_eval
-
-    held = calibration.heldout_windows(lm.tokenizer, n_samples=opts.heldout_samples, seq_len=opts.seq_len)
-    ev = Evaluator(lm.model, held.tokens, lm.source_dtypes)
-    rows = [{"name": "mixq", "bpw": plan["achieved_bpw"], "bytes": plan["total_bytes"],
-             **ev.measure(plan_formats(plan), desc=_desc(opts, "held-out: mixq"), rounding=rounding)}]
-    for b in BASELINES:
-        if b.startswith("mixed_"):
-            fmts = recipe_formats(anatomy, lm.model, b)
-            fell = []
-        else:
-            fmts, fell = uniform_formats(anatomy, Format.parse(b))
-        nbytes = plan_bytes(anatomy, lm.source_dtypes, fmts)
-        rows.append({"name": b if b.startswith("mixed_") else f"uniform {b}", "bpw": nbytes * 8 / params,
-                     "bytes": nbytes, "float_fallbacks": len(fell), **ev.measure(fmts, desc=_desc(opts, f"held-out: {b}"))})
-    del ev
-
-    for path, e in plan["tensors"].items():
-        e["rounding"] = rounding.name_for(path, Format.parse(e["format"]))
-    plan.update({
-        "rounding": rounding.settings(),
-        "model": {"name": str(opts.model), "fingerprint": key["model"], "model_type": anatomy.model_type,
-                  "pattern": anatomy.pattern},
-        "calibration": {**windows.to_dict(), "source": opts.calibration or "built-in"},
-        "sensitivity_key": key,
-        "predicted_kl_calibration": plan["predicted_kl"],
-        "measured_kl_calibration": mixq_calib["kl_mean"],
-        "measured_heldout": {k: rows[0][k] for k in ("kl_mean", "kl_p99", "top1", "ppl", "float_ppl")},
-        "heldout": held.to_dict(),
-        "refinement": refinement,
-        "versions": _versions(),
-        "command": opts.command,
-    })
-
-    # write into a temporary sibling, verify with stock mlx_lm.load, then rename into place
     tmp = out.with_name(f".{out.name}.mixq-tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        src = load(opts.model, compute_dtype=None)
-        config = quantize_in_place(src.model, src.config, plan, rounding)
-        write_model(src.model, config, src.path, tmp)
-        del src
-        _dump(plan, tmp / "mixq" / "plan.json")
+        timings: dict = {}  # stage -> seconds per block
+        mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
+                                                     candidates, tmp, prog, timings)
+        plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement)
+        _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
-        check = verify(tmp, plan)
+        check = verify(tmp, plan_doc)
+        rows, held = _heldout(opts, lm, anatomy, runner, plan_doc, tmp, prog, timings)
+        plan_doc["measured_heldout"] = {k: rows[0][k] for k in ("kl_mean", "kl_p99", "top1", "ppl", "float_ppl")}
+        plan_doc["heldout"] = held.to_dict()
+        _dump(plan_doc, tmp / "mixq" / "plan.json")
         on_disk = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
         rows[0]["disk_bytes"] = on_disk
+        prog.end()
         report = {
-            "out": str(out), "disk_bytes": on_disk, "plan": {k: plan[k] for k in ("target_bpw", "achieved_bpw", "total_bytes",
-                                                              "predicted_kl", "measured_kl_calibration")},
-            "comparison": rows, "verify": check, "sensitivity_cost": sens["cost"],
-            "refinement": refinement, "allocation": plan["allocation"],
-            "rounding": {**rounding.settings(), "tensors": {k: sum(1 for e in plan["tensors"].values()
+            "out": str(out), "disk_bytes": on_disk,
+            "plan": {k: plan_doc[k] for k in ("target_bpw", "achieved_bpw", "total_bytes", "predicted_kl",
+                                              "measured_kl_calibration")},
+            "comparison": rows, "verify": check, "sensitivity_method": sens["method"],
+            "sensitivity_cost": sens["cost"], "calibration_fit": sens.get("calibration"),
+            "refinement": refinement, "allocation": plan_doc["allocation"], "preflight": {
+                k: v for k, v in pf.to_dict().items() if k != "tensors"},
+            "rounding": {**rounding.settings(), "tensors": {k: sum(1 for e in plan_doc["tensors"].values()
                                                                    if e["rounding"] == k)
                                                             for k in ("gptq", "rtn", "float")}},
-            "seconds": {"hessians": round(t_hess, 1), "sensitivity": round(t_sens, 1), "total": round(time.perf_counter() - t_start, 1)},
+            "seconds": {**{k: round(v, 1) for k, v in prog.seconds.items()},
+                        "total": round(time.perf_counter() - t_start, 1)},
+            "block_seconds": {**sens["cost"].get("block_seconds", {}), **timings},
         }
         _dump(report, tmp / "mixq" / "report.json")
         if out.exists():
@@ -211,3 +194,112 @@ def convert(opts: ConvertOptions) -> dict:
         raise
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _uniform_rivals(anatomy, lm, candidates, plan) -> list:
+    """The largest uniform formats whose size fits the plan's budget (smaller ones cannot beat it)."""
+    params = anatomy.mlx_lm_params
+    fits = []
+    for spec in (c for c in candidates if c.is_quantized):
+        fmts, _ = uniform_formats(anatomy, spec)
+        nbytes = plan_bytes(anatomy, lm.source_dtypes, fmts)
+        if nbytes * 8 / params <= plan["target_bpw"]:
+            fits.append((nbytes, str(spec), fmts))
+    return sorted(fits, key=lambda x: -x[0])[:REFINE_UNIFORM]
+
+
+def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians, rivals, tmp, prog, timings):
+    """One sweep on the calibration windows: the plan (written as it is rounded) and its rivals."""
+    writer = PlanWriter(tmp, anatomy, formats, lm.source_dtypes, max_shard_bytes=opts.max_shard_bytes)
+    plan_stream = Stream("mixq", formats, rounding)
+    streams = [plan_stream] + [Stream(name, fmts, rounding) for _, name, fmts in rivals]
+
+    def on_rounded(stream, path, q):
+        if stream is plan_stream:
+            writer.put_quantized(path, q)
+
+    try:
+        prog.start("evaluate and write" if rivals else "write")
+        got, res = evaluate(runner, anatomy, windows.tokens, streams, batch_size=opts.batch_size,
+                            gptq_paths=set(hessians.paths) if hessians else (), hessians=hessians,
+                            on_rounded=on_rounded, progress=prog)
+        timings["evaluate and write"] = [round(x, 3) for x in res.block_seconds]
+        fresh = lm.weights.fresh()
+        for name in writer.missing_plain():
+            writer.put_plain(name, fresh[name])
+        del fresh
+        writer.close(quantization_config(lm.config, writer.formats, anatomy), lm.path)
+    except BaseException:
+        writer.abort()
+        raise
+    prog.end()
+    return got
+
+
+def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians, candidates, tmp, prog,
+                        timings):
+    rivals = _uniform_rivals(anatomy, lm, candidates, plan)
+    got = _write_sweep(opts, lm, anatomy, runner, windows, plan_formats(plan), rounding, hessians, rivals, tmp, prog,
+                       timings)
+    mixq_calib = got["mixq"]
+    refinement = {"applied": False, "compared": {name: got[name]["kl_mean"] for _, name, _ in rivals}}
+    best = min(((got[name]["kl_mean"], name, fmts) for _, name, fmts in rivals), default=None, key=lambda x: x[0])
+    if best is not None and best[0] < mixq_calib["kl_mean"]:
+        # interactions made the knapsack's pick worse than a simpler plan that fits: take the simpler one
+        kl, name, fmts = best
+        refinement.update({"applied": True, "replaced_plan_kl": mixq_calib["kl_mean"],
+                           "reason": f"uniform {name} measured lower calibration KL ({kl:.4g} < "
+                                     f"{mixq_calib['kl_mean']:.4g})"})
+        for path, e in plan["tensors"].items():
+            e["format"] = str(fmts[path])
+            e["bytes"] = tensor_bytes(e["shape"], fmts[path], lm.source_dtypes.get(path, "float32"))
+        plan["total_bytes"] = plan_bytes(anatomy, lm.source_dtypes, fmts)
+        plan["achieved_bpw"] = plan["total_bytes"] * 8 / anatomy.mlx_lm_params
+        plan["predicted_kl"] = sum(float(e["sensitivity"].get(e["format"], "nan")) for e in plan["tensors"].values())
+        shutil.rmtree(tmp, ignore_errors=True)
+        mixq_calib = _write_sweep(opts, lm, anatomy, runner, windows, fmts, rounding, hessians, [], tmp, prog,
+                                  timings)["mixq"]
+    return mixq_calib, refinement
+
+
+def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement) -> dict:
+    for path, e in plan["tensors"].items():
+        e["rounding"] = rounding.name_for(path, Format.parse(e["format"]))
+    plan.update({
+        "rounding": rounding.settings(),
+        "model": {"name": str(opts.model), "fingerprint": key["model"], "model_type": anatomy.model_type,
+                  "pattern": anatomy.pattern},
+        "calibration": {**windows.to_dict(), "source": opts.calibration or "built-in"},
+        "sensitivity_key": key,
+        "predicted_kl_calibration": plan["predicted_kl"],
+        "measured_kl_calibration": mixq_calib["kl_mean"],
+        "refinement": refinement,
+        "versions": _versions(),
+        "command": opts.command,
+    })
+    return plan
+
+
+def _heldout(opts, lm, anatomy, runner, plan, tmp, prog, timings):
+    """Held-out text: the written model (read from its files) against mlx-lm's uniform and mixed quants."""
+    held = calibration.heldout_windows(lm.tokenizer, n_samples=opts.heldout_samples, seq_len=opts.seq_len)
+    params = anatomy.mlx_lm_params
+    written = WrittenModel(tmp)
+    streams = [Stream("mixq", {}, quantized=written)]
+    rows = [{"name": "mixq", "bpw": plan["achieved_bpw"], "bytes": plan["total_bytes"]}]
+    for b in BASELINES:
+        if b.startswith("mixed_"):
+            fmts, fell = recipe_formats(anatomy, lm.model, b), []
+        else:
+            fmts, fell = uniform_formats(anatomy, Format.parse(b))
+        nbytes = plan_bytes(anatomy, lm.source_dtypes, fmts)
+        name = b if b.startswith("mixed_") else f"uniform {b}"
+        streams.append(Stream(name, fmts))
+        rows.append({"name": name, "bpw": nbytes * 8 / params, "bytes": nbytes, "float_fallbacks": len(fell)})
+    prog.start("held-out check")
+    got, res = evaluate(runner, anatomy, held.tokens, streams, batch_size=opts.batch_size, progress=prog)
+    timings["held-out check"] = [round(x, 3) for x in res.block_seconds]
+    prog.end()
+    for r in rows:
+        r.update(got[r["name"]], float_ppl=got["float"]["ppl"])
+    return rows, held

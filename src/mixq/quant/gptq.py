@@ -159,6 +159,9 @@ class Rounding:
         lead = Wn.shape[:-2]
         Wf = Wn.reshape(-1, *Wn.shape[-2:])   # switch experts (E, out, in) get one Hessian each
         H = self.hessians[path]
+        if hasattr(H, "chunk"):  # per-expert Grams formed on demand
+            H = H.chunk(0, len(H))
+        H = np.array(H.astype(mx.float32)) if isinstance(H, mx.array) else H
         Hf = H.reshape(-1, *H.shape[-2:]) if H.ndim == 3 else H[None]
         if self._factors[0] != path:  # every candidate format of a tensor shares them: factor once
             self._factors = (None, [])

@@ -13,9 +13,13 @@ from mixq.core.anatomy import Anatomy
 from mixq.core.errors import MixqError
 from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
 from mixq.quant.allocate import Option, allocate
-from mixq.quant.sensitivity import candidate_items
 
 PLAN_FORMAT = "mixq-plan/1"
+
+
+def candidate_items(anatomy: Anatomy) -> list:
+    """Tensors the allocator may choose a format for: everything no hard rule keeps float."""
+    return [t for t in anatomy.tensors if not t.float_by_rule and t.current is None]
 
 
 def fixed_bytes(anatomy: Anatomy, source_dtypes: dict) -> int:

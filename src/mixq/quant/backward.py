@@ -1,0 +1,95 @@
+"""The backward sweep: gradients of the sampled-label log-likelihood, block by block in reverse.
+
+Labels are drawn from the float model itself at every position (the forward sweep does it), so the second
+moments of these gradients are the Fisher information of the model's own distribution, which is the
+Hessian of the KL divergence at the float weights. Starting from the head, each block is made resident
+once, and for every batch its vector-Jacobian product is taken from the block's stored input (the forward
+sweep kept them) and the cotangent coming from the block above. Every Linear / SwitchLinear of the block is
+wrapped by a recorder whose zero "probe" is added to its output: the gradient with respect to the probe
+is the gradient with respect to the layer's output, per position, next to the layer's input; the
+recorders also accumulate the input second moments GPTQ rounds against.
+
+`on_batch(i, recorders, grads)` sees each batch's per-position inputs and output gradients;
+`on_block(i, recorders)` runs once the block's batches are done (the block is still resident: rounding
+and estimates happen there). The gradient reaching the embedding output is returned per batch (the
+embedding's Fisher). Cost: one block forward + one backward (counted as two forwards) per block and batch,
+plus one forward per block for the probe shapes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from mixq.quant.hessian import block_members, recording
+
+
+@dataclass
+class BackwardResult:
+    embed_grads: list      # per batch: d loglik / d (embedding output), (b, L, d) float32
+    block_forwards: float
+    seconds: float
+    block_seconds: list    # per block (index order), estimates included
+
+
+def head_cotangents(runner, fwd) -> list:
+    """Per batch: d loglik(sampled labels) / d (final hidden before the norm)."""
+    import mlx.core as mx
+
+    head = runner.head()
+    out = []
+    for h, ref, labels in zip(fwd.final, fwd.references, fwd.labels):
+        g_hn = head.loglik_cotangent(ref.hn, labels, ref.lse)
+        _, (g,) = mx.vjp(lambda x: runner.norm(x), [h], [g_hn])
+        mx.eval(g)
+        out.append(g)
+    return out
+
+
+def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=None,
+                   progress=None) -> BackwardResult:
+    import mlx.core as mx
+
+    t0 = time.perf_counter()
+    n = runner.num_blocks
+    grads = head_cotangents(runner, fwd)
+    bf = 0.0
+    block_seconds = [0.0] * n
+    for i in reversed(range(n)):
+        tb = time.perf_counter()
+        members = block_members(anatomy, i, gptq_paths)
+        with runner.resident(i), recording(runner.model, members) as recs:
+            order = list(recs)
+            shapes: dict = {}
+            for b, (h_in, g_out) in enumerate(zip(fwd.inputs[i], grads)):
+                if h_in.shape not in shapes:  # probe shapes: one forward with the recorders paused
+                    for r in recs.values():
+                        r.paused = True
+                    mx.eval(runner.block(i, h_in))
+                    shapes[h_in.shape] = [recs[p].out_shape for p in order]
+                    for r in recs.values():
+                        r.paused = False
+                    bf += 1
+
+                def f(h, *probes):
+                    for p, z in zip(order, probes):
+                        recs[p].probe = z
+                    return runner.block(i, h)
+
+                zeros = [mx.zeros(s, dtype=h_in.dtype) for s in shapes[h_in.shape]]
+                _, vjps = mx.vjp(f, [h_in, *zeros], [g_out])
+                for r in recs.values():
+                    r.probe = None
+                mx.eval(vjps, *[recs[p].last_input for p in order])
+                grads[b] = vjps[0]
+                bf += 3
+                if on_batch:
+                    on_batch(i, recs, dict(zip(order, vjps[1:])))
+            if on_block:
+                on_block(i, recs)
+        fwd.inputs[i] = None  # this block's inputs are no longer needed
+        block_seconds[i] = time.perf_counter() - tb
+        if progress:
+            progress(n - i, n, "blocks")
+    return BackwardResult(embed_grads=grads, block_forwards=bf, seconds=time.perf_counter() - t0,
+                          block_seconds=block_seconds)

@@ -1,0 +1,186 @@
+"""Size everything before any work (llama.cpp's preliminary pass): every tensor's candidates and bytes, the
+feasible bits-per-weight range, and the memory the run will need against what the machine has.
+
+Nothing here reads a weight: shapes and dtypes come from the lazily built model. An infeasible target and
+a machine too small for the run are refused here, with the numbers, before any pass starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from mixq.core.errors import MixqError
+from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
+from mixq.quant.plan import candidate_items, fixed_bytes
+
+PROCESS_BASE = 600 << 20     # python, mlx, tokenizer, code (measured RSS before any weight: ~0.5 GB)
+GPTQ_CHUNK = 256 << 20       # row-chunk working set of one GPTQ call (mixq.quant.gptq)
+
+
+@dataclass
+class TensorPlan:
+    path: str
+    shape: list
+    dtype: str
+    candidates: dict  # format name -> bytes
+
+
+@dataclass
+class Preflight:
+    tensors: list
+    fixed_bytes: int
+    params: int
+    stored_bytes: int
+    min_bytes: int
+    max_bytes: int
+    memory: dict = field(default_factory=dict)   # component -> bytes
+    available: int | None = None
+    stream_weights: bool = False
+
+    @property
+    def min_bpw(self) -> float:
+        return self.min_bytes * 8 / self.params
+
+    @property
+    def max_bpw(self) -> float:
+        return self.max_bytes * 8 / self.params
+
+    @property
+    def peak(self) -> int:
+        return sum(self.memory.values())
+
+    def check_target(self, target_bpw: float) -> None:
+        if target_bpw * self.params / 8 < self.min_bytes:
+            raise MixqError(f"target {target_bpw} bpw is infeasible with these candidates: feasible range is "
+                            f"{self.min_bpw:.4f} to {self.max_bpw:.4f} bpw")
+
+    def check_memory(self) -> None:
+        if self.available is not None and self.peak > self.available:
+            raise MixqError(f"this run needs about {_gb(self.peak)} of memory and the machine has {_gb(self.available)} "
+                            f"available ({', '.join(f'{k} {_gb(v)}' for k, v in self.memory.items())}); "
+                            f"use fewer --samples or a shorter --seq-len")
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "stored_bytes": self.stored_bytes, "fixed_bytes": self.fixed_bytes,
+                "feasible_bpw": [self.min_bpw, self.max_bpw], "memory": dict(self.memory), "peak_bytes": self.peak,
+                "available_bytes": self.available, "stream_weights": self.stream_weights,
+                "tensors": [{"path": t.path, "shape": t.shape, "dtype": t.dtype, "candidates": t.candidates}
+                            for t in self.tensors]}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use: MemAvailable on Linux, the recommended working set on a Mac GPU;
+    MIXQ_AVAILABLE_MEMORY (bytes) overrides both (to hold a run to less than the machine has)."""
+    if os.environ.get("MIXQ_AVAILABLE_MEMORY"):
+        try:
+            return int(float(os.environ["MIXQ_AVAILABLE_MEMORY"]))
+        except ValueError:
+            raise MixqError(f"MIXQ_AVAILABLE_MEMORY must be a number of bytes, got {os.environ['MIXQ_AVAILABLE_MEMORY']!r}")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import mlx.core as mx
+
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        got = info.get("max_recommended_working_set_size") or info.get("memory_size")
+        if got:
+            return int(got)
+    except Exception:  # no such device info: no check
+        pass
+    if sys.platform == "darwin":
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return None
+
+
+def _block_params(anatomy) -> dict:
+    out: dict = {}
+    for t in anatomy.tensors:
+        if t.layer is not None:
+            out[t.layer] = out.get(t.layer, 0) + t.params
+    return out
+
+
+def _block_grams(anatomy) -> dict:
+    """Bytes of float32 input second moments one block holds (Linear: in^2; experts: their routed rows)."""
+    out: dict = {}
+    for t in anatomy.tensors:
+        if t.layer is None or t.module_type not in ("Linear", "SwitchLinear") or not t.path.endswith(".weight"):
+            continue
+        out[t.layer] = out.get(t.layer, 0) + 4 * t.shape[-1] ** 2
+    return out
+
+
+def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
+              batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4,
+              stream_weights: str = "auto", available: int | None = -1) -> Preflight:
+    """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `top_k`: routed experts
+    per token (their input rows are kept for a block)."""
+    params = anatomy.mlx_lm_params
+    fixed = fixed_bytes(anatomy, source_dtypes)
+    tensors, lo, hi = [], fixed, fixed
+    for t in candidate_items(anatomy):
+        src = source_dtypes.get(t.path, t.dtype)
+        c = {str(f): tensor_bytes(t.shape, f, src) for f in candidates if applicable(t.shape, f)}
+        c.setdefault("float", tensor_bytes(t.shape, Format("float"), src))
+        tensors.append(TensorPlan(t.path, list(t.shape), src, c))
+        lo += min(c.values())
+        hi += max(c.values())
+    stored = sum(t.params * dtype_itemsize(source_dtypes.get(t.path, t.dtype)) for t in anatomy.tensors)
+    per_block = _block_params(anatomy)
+    biggest = max(per_block.values(), default=0)
+    grams = max(_block_grams(anatomy).values(), default=0)
+    tokens = samples * seq_len
+    act = 4 * tokens * hidden
+    n_blocks = len(per_block)
+    largest = max((t.params for t in anatomy.tensors), default=0)
+    head_rows = min(vocab, max(256, (128 << 20) // (4 * max(hidden, 1))))
+    mem = {
+        "process": PROCESS_BASE,
+        "block in float32": 4 * biggest + 2 * biggest,   # the compute copy and the stored read it is cast from
+        "block inputs (backward)": act * n_blocks,
+        "streams": act * (streams + 2),
+        "second moments": grams + 4 * tokens * top_k * hidden * 2,
+        "rounding": min(GPTQ_CHUNK, 4 * largest) + 8 * hidden ** 2,
+        "head": 2 * vocab * hidden + 4 * batch_size * seq_len * head_rows * 3,
+    }
+    avail = available_memory() if available == -1 else available
+    if stream_weights == "on":
+        streaming = True
+    elif stream_weights == "off":
+        streaming = False
+    else:  # keep the stored model resident only when it leaves ample room
+        streaming = avail is not None and stored + sum(mem.values()) > 0.6 * avail
+    if not streaming:
+        mem["weights (stored dtype)"] = stored
+    return Preflight(tensors=tensors, fixed_bytes=fixed, params=params, stored_bytes=stored, min_bytes=lo,
+                     max_bytes=hi, memory=mem, available=avail, stream_weights=streaming)
+
+
+def format_preflight(pf: Preflight, target_bpw: float | None = None) -> str:
+    lines = [f"{'tensor':<52} {'shape':>18} {'dtype':>8}  candidates (MB)"]
+    for t in pf.tensors:
+        cands = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in t.candidates.items())
+        lines.append(f"{t.path:<52} {'x'.join(map(str, t.shape)):>18} {t.dtype:>8}  {cands}")
+    lines.append("")
+    lines.append(f"parameters {pf.params:,} (mlx-lm's count); stored {pf.stored_bytes / 1e9:.3f} GB; fixed (kept float "
+                 f"by rule) {pf.fixed_bytes / 1e6:.2f} MB")
+    lines.append(f"feasible bits per weight: {pf.min_bpw:.4f} .. {pf.max_bpw:.4f}"
+                 + ("" if target_bpw is None else f"  (target {target_bpw}: "
+                    + ("feasible)" if target_bpw * pf.params / 8 >= pf.min_bytes else "INFEASIBLE)")))
+    lines.append(f"memory needed: about {_gb(pf.peak)} ("
+                 + ", ".join(f"{k} {_gb(v)}" for k, v in pf.memory.items()) + ")"
+                 + ("" if pf.available is None else f"; available {_gb(pf.available)}")
+                 + ("; weights streamed from disk block by block" if pf.stream_weights else ""))
+    return "\n".join(lines)
+

@@ -1,0 +1,210 @@
+"""The forward sweep: every pass that runs the model over token windows, layer by layer.
+
+One sweep walks the blocks in order; each block is made resident in the compute dtype once and every
+batch of windows runs through it before the next block (so memory holds one block, never the model). The
+float model runs as the "float stream": it provides the reference distribution at the end, the Hessians
+GPTQ needs for the block at hand (`grams=True`), and, if asked, every block's input (for the backward
+sweep). Any number of quantized *streams* run beside it: a stream is a set of formats (a plan, a uniform
+baseline, one tensor at one format); it shares the float stream's hidden states until the first block it
+changes, then carries its own. Each stream's tensors are rounded when its block comes (GPTQ against this
+sweep's float Hessians, or round-to-nearest) and dropped after.
+
+At the end each stream is compared with the float reference position by position (`Head.compare`): KL,
+top-1 agreement, next-token NLL. Sweeps report block-forward equivalents for honest cost accounting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from mixq.core.formats import Format
+from mixq.quant.hessian import HessianMap, block_members, recording
+from mixq.quant.qweight import QuantizedWeight, round_weight
+
+
+@dataclass
+class Stream:
+    """A set of formats run beside the float model. `rounding` None = round-to-nearest (mlx-lm's)."""
+
+    name: str
+    formats: dict  # weight path -> Format (float entries ignored)
+    rounding: object = None
+    # path -> QuantizedWeight given ready instead of rounded here (a written model's tensors, read when
+    # their block comes); its keys are the tensors it changes
+    quantized: object = None
+    h: list | None = field(default=None, repr=False)
+
+    def touched(self) -> set:
+        out = {p for p, f in self.formats.items() if f.is_quantized}
+        return out | set(self.quantized.keys() if self.quantized is not None else ())
+
+
+@dataclass
+class SweepResult:
+    references: list            # per batch: core.head.Reference (float model)
+    streams: dict               # name -> {"kl": np, "same": np, "nll": np}
+    inputs: list | None         # per block: per batch block input (keep_inputs)
+    final: list                 # per batch: float hidden state before the final norm
+    labels: list | None         # per batch: labels sampled from the float model (sample_key)
+    head_gram: object | None    # sum of hn hn^T (grams=True)
+    block_forwards: float = 0.0
+    seconds: float = 0.0
+    block_seconds: list = field(default_factory=list)  # per block: float stream + every stream's run
+
+
+def batches_of(tokens, batch_size: int) -> list:
+    return [tokens[s:s + batch_size] for s in range(0, tokens.shape[0], batch_size)]
+
+
+def targets_of(x):
+    """Next-token targets aligned with positions; the last position has none (-1)."""
+    import mlx.core as mx
+
+    return mx.concatenate([x[:, 1:], mx.full((x.shape[0], 1), -1, dtype=x.dtype)], axis=1)
+
+
+class ForwardSweep:
+    def __init__(self, runner, anatomy, tokens, *, batch_size: int = 8, gptq_paths=(), progress=None):
+        self.runner, self.anatomy = runner, anatomy
+        self.batches = batches_of(tokens, batch_size)
+        self.gptq_paths = set(gptq_paths)
+        self.by_layer: dict = {}
+        for t in anatomy.tensors:
+            self.by_layer.setdefault(t.layer, []).append(t.path)
+        self.progress = progress  # callable(done, total, what) or None
+
+    def _start(self, stream: Stream) -> int:
+        """First block the stream changes: -1 embedding, num_blocks = only the head."""
+        r = self.runner
+        touched = stream.touched()
+        if f"{r.embed_path}.weight" in touched:
+            return -1
+        layers = [t.layer for t in self.anatomy.tensors if t.path in touched and t.layer is not None]
+        return min(layers) if layers else r.num_blocks
+
+    def _rounded(self, stream: Stream, path: str, stored: dict) -> QuantizedWeight | None:
+        if stream.quantized is not None and path in stream.quantized.keys():
+            return stream.quantized[path]
+        f = stream.formats.get(path)
+        if f is None or not f.is_quantized:
+            return None
+        return round_weight(stream.rounding, path, stored[path], f)
+
+    def run(self, streams: list[Stream], *, references: list | None = None, grams: bool = False,
+            keep_inputs: bool = False, sample_key=None, hessians: HessianMap | None = None,
+            on_rounded=None) -> SweepResult:
+        """Run the float stream and `streams`; compare each stream with the float reference (computed here
+        unless `references` is given). `hessians` receives each block's float Grams (grams=True) before
+        the streams of that block are rounded. `on_rounded(stream, path, QuantizedWeight)` sees every
+        rounded tensor (the writer)."""
+        import mlx.core as mx
+
+        t0 = time.perf_counter()
+        r, n = self.runner, self.runner.num_blocks
+        starts = {s.name: self._start(s) for s in streams}
+        for s in streams:
+            s.h = None
+        table = r.embed_table()
+        h = [r.embed(x, table) for x in self.batches]
+        mx.eval(h)
+        emb = f"{r.embed_path}.weight"
+        emb_q = {}
+        for s in streams:
+            if starts[s.name] == -1:
+                q = emb_q[s.name] = self._rounded(s, emb, {emb: table})
+                if on_rounded:
+                    on_rounded(s, emb, q)
+                s.h = [q.take(x, r.compute) for x in self.batches]
+                mx.eval(s.h)
+        del table
+        inputs = [] if keep_inputs else None
+        bf = float(len(self.batches) * n)  # the float stream
+        block_seconds = []
+        for i in range(n):
+            tb = time.perf_counter()
+            members = block_members(self.anatomy, i, self.gptq_paths) if grams else {}
+            with r.resident(i):
+                if keep_inputs:
+                    inputs.append(h)
+                h_in = h
+                with recording(r.model, members) as recs:
+                    h = [r.block(i, x) for x in h_in]
+                    for x in h:
+                        mx.eval(x)
+                if hessians is not None and grams:
+                    hessians.set_block(i, {p: rec.hessian() for p, rec in recs.items()
+                                           if rec.hessian() is not None})
+                active = [s for s in streams if starts[s.name] <= i]
+                if active:
+                    stored = r.stored(r.layer_prefix(i), r.layers[i])
+                for s in active:
+                    if s.h is None:
+                        s.h = h_in
+                    over = {}
+                    for p in self.by_layer.get(i, []):
+                        q = self._rounded(s, p, stored)
+                        if q is None:
+                            continue
+                        if on_rounded:
+                            on_rounded(s, p, q)
+                        over[p] = q.full(r.compute)
+                    with r.swap(i, over):
+                        s.h = [r.block(i, x) for x in s.h]
+                        for x in s.h:
+                            mx.eval(x)
+                    bf += len(self.batches)
+            block_seconds.append(time.perf_counter() - tb)
+            if self.progress:
+                self.progress(i + 1, n, "blocks")
+        if hessians is not None:
+            hessians.set_block(None, {})
+        final = h
+        hn = [r.norm(x) for x in final]
+        mx.eval(hn)
+        head = r.head()
+        head_gram = None
+        if grams:
+            for x in hn:
+                rows = x.reshape(-1, x.shape[-1])
+                head_gram = rows.T @ rows if head_gram is None else head_gram + rows.T @ rows
+            mx.eval(head_gram)
+        targets = [targets_of(x) for x in self.batches]
+        if references is None:
+            references = [head.reference(x, t) for x, t in zip(hn, targets)]
+        labels = None
+        if sample_key is not None:
+            keys = mx.random.split(sample_key, len(hn))
+            labels = [head.sample(x, k) for x, k in zip(hn, keys)]
+        results = {}
+        for s in streams:
+            q = None
+            if r.head_path in s.touched():
+                q = emb_q.get(s.name) if r.tied else None
+                if q is None:
+                    q = self._rounded(s, r.head_path, {r.head_path: head.weight})
+                    if on_rounded:
+                        on_rounded(s, r.head_path, q)
+            s_head = head if q is None else r.head({r.head_path: q})
+            s_hn = hn if s.h is None else [r.norm(x) for x in s.h]
+            per = [s_head.compare(x, ref, head, t) for x, ref, t in zip(s_hn, references, targets)]
+            results[s.name] = _collect(per, targets)
+            s.h = None
+        return SweepResult(references=references, streams=results, inputs=inputs, final=final, labels=labels,
+                           head_gram=head_gram, block_forwards=bf, seconds=time.perf_counter() - t0,
+                           block_seconds=block_seconds)
+
+
+def _collect(per: list, targets: list) -> dict:
+    import numpy as np
+
+    kl = np.concatenate([np.array(p["kl"]).ravel() for p in per])
+    same = np.concatenate([np.array(p["same"]).ravel() for p in per])
+    valid = np.concatenate([np.array(t).ravel() >= 0 for t in targets])
+    nll = np.concatenate([np.array(p["nll"]).ravel() for p in per])[valid]
+    return {"kl": kl, "same": same, "nll": nll}
+
+
+def stream_for(name: str, formats: dict, rounding=None) -> Stream:
+    return Stream(name=name, formats={p: f for p, f in formats.items() if isinstance(f, Format)},
+                  rounding=rounding)

@@ -1,0 +1,134 @@
+"""The block runner on stored-dtype weights, the chunked head, and the streaming shard writer."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mixq.core.head as head_mod
+from mixq.core.head import Head
+from mixq.core.modelio import load
+from mixq.core.stwriter import ShardWriter
+
+TOKENS = mx.array([[1, 5, 9, 33, 100, 7, 8, 9, 250, 3], [4, 4, 17, 2, 60, 61, 62, 9, 10, 11]], dtype=mx.int32)
+
+
+@pytest.mark.parametrize("kind", ["nemotron-dense", "nemotron-moe", "qwen3"])
+@pytest.mark.parametrize("retain", [True, False])
+def test_runner_on_stored_weights_equals_the_float32_model(fixture_models, kind, retain):
+    lm = load(fixture_models[kind], compute_dtype=None, lazy=True)
+    stored = {str(v.dtype) for v in lm.weights.fresh().values()}
+    assert "mlx.core.bfloat16" in stored
+    r = lm.runner(retain=retain)
+    ref = load(fixture_models[kind]).model(TOKENS)  # every weight cast to float32 up front
+    got = r.run(TOKENS)
+    assert got.dtype == mx.float32
+    assert mx.abs(got - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()
+    # the model keeps its stored dtype outside a block's residency
+    from mlx.utils import tree_flatten
+
+    assert {str(v.dtype) for _, v in tree_flatten(lm.model.parameters())} == stored
+
+
+def test_overrides_and_swap_put_weights_back(nemotron_dense):
+    lm = load(nemotron_dense, compute_dtype=None, lazy=True)
+    r = lm.runner()
+    path = r.layer_prefix(1) + "mixer.q_proj.weight"
+    before = r.run(TOKENS)
+    w = r.stored(r.layer_prefix(1))[path]
+    with r.resident(1):
+        with r.swap(1, {path: mx.zeros(w.shape)}):
+            assert (r.layers[1].mixer.q_proj.weight == 0).all().item()
+        assert r.layers[1].mixer.q_proj.weight.dtype == mx.float32
+    assert r.layers[1].mixer.q_proj.weight.dtype == w.dtype
+    changed = r.run(TOKENS, overrides={path: mx.zeros(w.shape)})
+    assert not mx.allclose(changed, before).item()
+    assert mx.array_equal(r.run(TOKENS), before).item()
+
+
+def _full_stats(logits, targets):
+    lse = mx.logsumexp(logits, axis=-1)
+    nll = lse - mx.take_along_axis(logits, mx.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return lse, logits.argmax(-1), nll
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])
+def test_chunked_head_matches_full_vocabulary(monkeypatch, chunk_bytes):
+    if chunk_bytes:
+        monkeypatch.setattr(head_mod, "CHUNK_BYTES", chunk_bytes)  # the 256-row minimum: 4 chunks
+    rng = np.random.default_rng(0)
+    W = mx.array(rng.standard_normal((1000, 64)).astype(np.float32)).astype(mx.bfloat16)
+    Wq = W + mx.array(rng.standard_normal((1000, 64)).astype(np.float32) * 0.01).astype(mx.bfloat16)
+    hn = mx.array(rng.standard_normal((2, 7, 64)).astype(np.float32))
+    hq = hn + mx.array(rng.standard_normal((2, 7, 64)).astype(np.float32) * 0.05)
+    targets = mx.array(rng.integers(0, 1000, (2, 7)).astype(np.int32))
+    head, qhead = Head(W), Head(Wq)
+    assert (len(head.bounds) > 1) == bool(chunk_bytes)
+    zp, zq = head.logits(hn), qhead.logits(hq)
+    assert mx.allclose(zp, hn @ W.astype(mx.float32).T, atol=1e-4).item()
+    ref = head.reference(hn, targets)
+    lse, am, nll = _full_stats(zp, targets)
+    assert mx.allclose(ref.lse, lse, atol=1e-4).item() and mx.array_equal(ref.argmax, am).item()
+    assert mx.allclose(ref.nll, nll, atol=1e-4).item()
+    got = qhead.compare(hq, ref, head, targets)
+    lp, lq = zp - lse[..., None], zq - mx.logsumexp(zq, axis=-1, keepdims=True)
+    kl = (mx.exp(lp) * (lp - lq)).sum(-1)
+    assert mx.allclose(got["kl"], kl, rtol=1e-3, atol=1e-5).item()
+    assert mx.array_equal(got["same"], zq.argmax(-1) == am).item()
+    assert mx.allclose(got["nll"], _full_stats(zq, targets)[2], atol=1e-4).item()
+    # the log-likelihood cotangent: (onehot - softmax) @ W
+    labels = mx.array(rng.integers(0, 1000, (2, 7)).astype(np.int32))
+    g = head.loglik_cotangent(hn, labels, ref.lse)
+    direct = mx.grad(lambda h: mx.take_along_axis(nn_log_softmax(h @ W.astype(mx.float32).T), labels[..., None],
+                                                  axis=-1).sum())(hn)
+    assert mx.allclose(g, direct, atol=1e-4).item()
+
+
+def nn_log_softmax(z):
+    return z - mx.logsumexp(z, axis=-1, keepdims=True)
+
+
+def test_label_sampling_follows_the_distribution_and_the_key():
+    W = mx.array(np.eye(4, 3, dtype=np.float32)) * mx.array([[3.0], [2.0], [1.0], [0.0]])
+    hn = mx.ones((1, 20000, 3))
+    head = Head(W)
+    a, b, c = head.sample(hn, mx.random.key(1)), head.sample(hn, mx.random.key(1)), head.sample(hn, mx.random.key(2))
+    assert mx.array_equal(a, b).item() and not mx.array_equal(a, c).item()
+    p = mx.softmax(head.logits(hn)[0, 0]).tolist()
+    freq = np.bincount(np.array(a).ravel(), minlength=4) / a.size
+    assert np.allclose(freq, p, atol=0.02)
+
+
+def test_shard_writer_places_every_tensor_and_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"a.weight": mx.array(rng.standard_normal((64, 32)).astype(np.float32)).astype(mx.bfloat16),
+              "a.scales": mx.array(rng.standard_normal((64, 1)).astype(np.float32)).astype(mx.float16),
+              "b": mx.arange(300, dtype=mx.uint32), "c": mx.array(rng.standard_normal((3, 5)).astype(np.float32)),
+              "d": mx.array([1, 2, 3], dtype=mx.uint8)}
+    layout = [(k, v.shape, str(v.dtype).rsplit(".", 1)[-1]) for k, v in arrays.items()]
+    w = ShardWriter(tmp_path, layout, max_shard_bytes=2000, total_parameters=7)
+    for k in reversed(list(arrays)):  # any order
+        w.put(k, arrays[k])
+    index = w.close()
+    files = sorted(p.name for p in tmp_path.glob("model*.safetensors"))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert set(index["weight_map"]) == set(arrays) and index["metadata"]["total_parameters"] == 7
+    assert json.loads((tmp_path / "model.safetensors.index.json").read_text()) == index
+    got = {}
+    for f in files:
+        got.update(mx.load(str(tmp_path / f)))
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and mx.array_equal(got[k], v).item()
+
+
+def test_shard_writer_refuses_what_was_not_planned(tmp_path):
+    from mixq.core.errors import MixqError
+
+    w = ShardWriter(tmp_path, [("x", (2, 2), "float32")])
+    with pytest.raises(MixqError, match="not in the planned layout"):
+        w.put("y", mx.zeros((2, 2)))
+    with pytest.raises(MixqError, match="planned float32"):
+        w.put("x", mx.zeros((2, 3)))
+    with pytest.raises(MixqError, match="never written"):
+        w.close()

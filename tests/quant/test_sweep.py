@@ -1,0 +1,117 @@
+"""Forward sweeps: each stream's KL, top-1 and NLL equal a direct full-model computation; Grams recorded on
+the way equal the layers' real inputs; streams never disturb each other or the float model."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mixq.core.anatomy import describe
+from mixq.core.formats import Format, quantize_dequantize
+from mixq.core.modelio import load
+from mixq.quant.hessian import HessianMap
+from mixq.quant.plan import candidate_items, uniform_formats
+from mixq.quant.sweep import ForwardSweep, Stream
+
+
+def _tokens(n=4, length=24, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(1, 500, size=(n, length)).astype(np.int32))
+
+
+def _direct(path, formats, tokens):
+    """KL / same / nll per position with the formats applied to a float32 copy of the model (mlx rounding)."""
+    ref_lm, q_lm = load(path), load(path)
+    mods = dict(q_lm.model.named_modules())
+    for p, f in formats.items():
+        if f.is_quantized:
+            m, name = p.rsplit(".", 1)
+            w = getattr(mods[m], name)
+            setattr(mods[m], name, quantize_dequantize(w.astype(getattr(mx, q_lm.source_dtypes[p])), f))
+    zp, zq = ref_lm.model(tokens).astype(mx.float32), q_lm.model(tokens).astype(mx.float32)
+    lp = zp - mx.logsumexp(zp, axis=-1, keepdims=True)
+    lq = zq - mx.logsumexp(zq, axis=-1, keepdims=True)
+    kl = (mx.exp(lp) * (lp - lq)).sum(-1)
+    nll = -mx.take_along_axis(lq[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+    return np.array(kl).ravel(), np.array(zq.argmax(-1) == zp.argmax(-1)).ravel(), np.array(nll).ravel()
+
+
+@pytest.mark.parametrize("kind", ["nemotron-moe", "qwen3"])
+def test_streams_equal_direct_computation(fixture_models, kind):
+    path = fixture_models[kind]
+    lm = load(path, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner(retain=False)
+    items = candidate_items(a)
+    block = next(t.path for t in items if t.layer == 2)
+    cases = {
+        "uniform": uniform_formats(a, Format.parse("4:64"))[0],
+        "embedding": {f"{r.embed_path}.weight": Format.parse("3:64")},
+        "block": {block: Format.parse("2:64")},
+        "head": {r.head_path: Format.parse("mxfp4")},
+    }
+    tokens = _tokens()
+    sweep = ForwardSweep(r, a, tokens, batch_size=3)
+    res = sweep.run([Stream(k, v) for k, v in cases.items()])
+    for name, fmts in cases.items():
+        kl, same, nll = _direct(path, fmts, tokens)
+        got = res.streams[name]
+        assert np.allclose(got["kl"], kl, rtol=2e-3, atol=2e-6), name
+        assert np.array_equal(got["same"], same), name
+        assert np.allclose(got["nll"], nll, rtol=1e-4, atol=1e-4), name
+        assert got["kl"].mean() > 0
+    # the float model's own numbers come out of the same sweep
+    full = load(path).model(tokens)
+    lse = np.array(mx.logsumexp(full, axis=-1)).ravel()
+    assert np.allclose(np.concatenate([np.array(x.lse).ravel() for x in res.references]), lse, atol=1e-4)
+
+
+def test_streams_are_independent_and_block_forwards_counted(nemotron_dense):
+    lm = load(nemotron_dense, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner()
+    tokens = _tokens(n=2)
+    u = uniform_formats(a, Format.parse("4:64"))[0]
+    late = {t.path: Format.parse("2:64") for t in candidate_items(a) if t.layer == 5}
+    alone = ForwardSweep(r, a, tokens).run([Stream("u", u)])
+    both = ForwardSweep(r, a, tokens).run([Stream("late", late), Stream("u", u)])
+    assert np.array_equal(alone.streams["u"]["kl"], both.streams["u"]["kl"])
+    n = r.num_blocks
+    # one batch: the float stream n blocks, "u" n blocks, "late" only its own block onwards
+    assert both.block_forwards == n + n + (n - 5)
+
+
+def test_grams_recorded_in_the_sweep_are_the_layer_inputs(nemotron_moe):
+    lm = load(nemotron_moe, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner()
+    paths = [t.path for t in candidate_items(a) if t.module_type in ("Linear", "SwitchLinear")]
+    H = HessianMap(paths)
+    seen = {}
+    orig = H.set_block
+
+    def spy(i, entries):
+        if i is not None:
+            seen.update(entries)
+        orig(i, entries)
+
+    H.set_block = spy
+    tokens = _tokens(n=3)
+    res = ForwardSweep(r, a, tokens, batch_size=2, gptq_paths=paths).run([], grams=True, hessians=H,
+                                                                          keep_inputs=True)
+    # a Linear's H is the Gram of what it saw: the normed block input for the first projection of a block
+    t = next(t for t in candidate_items(a) if t.path.endswith("mixer.in_proj.weight"))
+    layer = r.layers[t.layer]
+    with r.resident(t.layer):
+        X = mx.concatenate([layer.norm(h).reshape(-1, h.shape[-1]) for h in res.inputs[t.layer]])
+    assert mx.allclose(seen[t.path], X.T @ X, rtol=1e-4, atol=1e-3).item()
+    # a routed expert's H is the Gram of exactly the rows routed to it
+    sw = next(t for t in candidate_items(a) if t.module_type == "SwitchLinear" and t.path.endswith("fc1.weight"))
+    E = seen[sw.path]
+    assert tuple(E.shape) == (sw.shape[0], sw.shape[-1], sw.shape[-1])
+    total = sum(mx.trace(E[e]).item() for e in range(sw.shape[0]))
+    with r.resident(sw.layer):
+        xs = [r.layers[sw.layer].norm(h) for h in res.inputs[sw.layer]]
+        k = lm.config["num_experts_per_tok"]
+        rows = sum((x.reshape(-1, x.shape[-1]) ** 2).sum().item() for x in xs) * k
+    assert total == pytest.approx(rows, rel=1e-4)
+    # and the model is left without wrappers
+    assert not any(type(m).__name__ == "Recorder" for _, m in lm.model.named_modules())
