@@ -68,32 +68,7 @@ class Head:
 
     def compare(self, hn, ref: "Reference", ref_head: "Head", targets=None) -> dict:
         """Per position: KL(ref || this head on hn), argmax agreement, next-token NLL (if targets)."""
-        import mlx.core as mx
-
-        shape = ref.lse.shape
-        s0 = mx.zeros(shape, dtype=mx.float32)
-        a = mx.zeros(shape, dtype=mx.float32)
-        b = mx.zeros(shape, dtype=mx.float32)
-        best_v = best_i = tgt = None
-        for lo, hi in self.bounds:
-            zq = self.chunk(hn, lo, hi)
-            zp = ref_head.chunk(ref.hn, lo, hi)
-            p = mx.exp(zp - ref.lse[..., None])
-            d = zp - zq
-            s0 = s0 + p.sum(axis=-1)
-            a = a + (p * d).sum(axis=-1)
-            b = b + (p * (mx.expm1(-d) + d)).sum(axis=-1)
-            best_v, best_i = _argmax_merge(best_v, best_i, zq, lo)
-            if targets is not None:
-                tgt = _gather_in(tgt, zq, targets, lo, hi)
-            mx.eval(s0, a, b, best_v, best_i, *(() if tgt is None else (tgt,)))
-        # KL = sum p d + log sum p e^-d with d = z_p - z_q: written as A + log1p(B - A) over the normalised
-        # p, no difference of two log-sum-exps (O(10) each) is ever taken, so tiny KLs keep their digits
-        an, bn = a / s0, b / s0
-        out = {"kl": mx.maximum(an + mx.log1p(bn - an), 0.0), "same": best_i == ref.argmax}
-        if targets is not None:
-            out["nll"] = ref.lse + mx.log(s0 - a + b) - tgt
-        return out
+        return compare_many([(self, hn)], ref, ref_head, targets)[0]
 
     def sample(self, hn, key):
         """One label per position drawn from softmax(logits) (Gumbel-max over the chunks, keyed)."""
@@ -121,6 +96,40 @@ class Head:
             g = g + (onehot.astype(p.dtype) - p) @ self.rows(a, b)
             mx.eval(g)
         return g
+
+
+def compare_many(compared: list, ref: "Reference", ref_head: "Head", targets=None) -> list[dict]:
+    """`compared`: (head, hn) pairs, each against the same reference; the reference's chunk of logits and
+    probabilities is computed once for all of them. Per pair: KL, argmax agreement, next-token NLL."""
+    import mlx.core as mx
+
+    shape = ref.lse.shape
+    acc = [{"s0": mx.zeros(shape), "a": mx.zeros(shape), "b": mx.zeros(shape), "v": None, "i": None, "t": None}
+           for _ in compared]
+    for lo, hi in ref_head.bounds:
+        zp = ref_head.chunk(ref.hn, lo, hi)
+        p = mx.exp(zp - ref.lse[..., None])
+        s0 = p.sum(axis=-1)
+        for (head, hn), st in zip(compared, acc):
+            zq = head.chunk(hn, lo, hi)
+            d = zp - zq
+            st["s0"] = st["s0"] + s0
+            st["a"] = st["a"] + (p * d).sum(axis=-1)
+            st["b"] = st["b"] + (p * (mx.expm1(-d) + d)).sum(axis=-1)
+            st["v"], st["i"] = _argmax_merge(st["v"], st["i"], zq, lo)
+            if targets is not None:
+                st["t"] = _gather_in(st["t"], zq, targets, lo, hi)
+            mx.eval(*(x for x in st.values() if x is not None))
+    out = []
+    for st in acc:
+        # KL = sum p d + log sum p e^-d with d = z_p - z_q, written A + log1p(B - A) over the normalised p: no
+        # difference of two log-sum-exps (O(10) each) is ever taken, so tiny KLs keep their digits
+        an, bn = st["a"] / st["s0"], st["b"] / st["s0"]
+        r = {"kl": mx.maximum(an + mx.log1p(bn - an), 0.0), "same": st["i"] == ref.argmax}
+        if targets is not None:
+            r["nll"] = ref.lse + mx.log(st["s0"] - st["a"] + st["b"]) - st["t"]
+        out.append(r)
+    return out
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from mixq.core.formats import Format, applicable, bits_per_weight
+from mixq.core.head import compare_many
 from mixq.quant.backward import backward_sweep
 from mixq.quant.estimate import ESTIMATOR, LayerRows, embedding_estimate, linear_estimate
 from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, normalised_sum
@@ -24,6 +25,7 @@ from mixq.quant.sensitivity import METHODS, Partial, _round, fit_calibration, ki
 from mixq.quant.sweep import ForwardSweep, Stream
 
 SUBSET_BUDGET = 0.03   # exact subset: at most this fraction of the exact pass's block-forwards
+HEAD_GROUP_BYTES = 512 << 20  # packed heads compared against one computation of the reference's chunks
 GPTQ_TYPES = ("Linear", "SwitchLinear", "Embedding")
 
 
@@ -94,13 +96,25 @@ class Calibration:
                             progress=self.progress)
 
     def exact_pass_units(self) -> float:
-        """Block-forward equivalents of measuring every pair exactly (the exact method's pass)."""
+        """Block-forward equivalents of measuring every pair exactly, as the exact method runs it: per block,
+        one sweep (the float model through every block, the block's pairs from it on, one head projection
+        per pair plus the reference's, per batch); the head's formats, one projection each plus the
+        reference's per group."""
         n, nb = self.runner.num_blocks, -(-self.tokens.shape[0] // self.bs)
-        total = 0.0
+        groups: dict = {}
         for t in self.items:
-            depth = n if t.layer is None and t.path != self.runner.head_path else \
-                (0 if t.layer is None else n - t.layer)
-            total += len(self._pairs(t)) * nb * (depth + 2 * self.head_units)
+            if t.path == self.runner.head_path and t.layer is None and not self.runner.tied:
+                groups.setdefault("head", []).append(t)
+            else:
+                groups.setdefault(-1 if t.layer is None else t.layer, []).append(t)
+        total = 0.0
+        for g, ts in groups.items():
+            pairs = sum(len(self._pairs(t)) for t in ts)
+            if g == "head":
+                total += nb * self.head_units * (pairs + 1)
+                continue
+            depth = n if g == -1 else n - g
+            total += nb * (n + self.head_units + pairs * (depth + self.head_units))
         return total
 
     # -- the exact subset ------------------------------------------------------------------------------
@@ -129,7 +143,7 @@ class Calibration:
         budget = SUBSET_BUDGET * self.exact_pass_units() / max(1, -(-self.tokens.shape[0] // self.bs))
 
         def cost(p):
-            return n - self.by_path[p[0]].layer + 2 * self.head_units
+            return n - self.by_path[p[0]].layer + self.head_units
 
         while points and sum(cost(p) for p in points) > budget:
             counts: dict = {}
@@ -152,8 +166,9 @@ class Calibration:
                                 keep_inputs=True, sample_key=mx.random.key(self.seed))
         nb = len(fwd.references)
         self.block_seconds["calibration forward"] = [round(x, 3) for x in fwd.block_seconds]
-        # reference + label sampling: one head projection each; every stream's comparison: two
-        self._done("calibration forward", fwd.block_forwards + nb * self.head_units * (2 + 2 * len(streams)))
+        # reference and label sampling: a head projection each; comparisons: the reference's again + one a stream
+        self._done("calibration forward", fwd.block_forwards +
+                   nb * self.head_units * (2 + (1 + len(streams) if streams else 0)))
         self._head_gram = fwd.head_gram
         if self.hessians is not None and not self.runner.tied and self.runner.head_path in self.hessians.paths:
             self.hessians.global_[self.runner.head_path] = fwd.head_gram
@@ -242,17 +257,32 @@ class Calibration:
         batches = self._sweep().batches
         for path in wanted:
             stored = head.weight if path == head_path else r.embed_table()
-            costs = {}
-            for f in self._pairs(self.by_path[path]):
+            fmts = self._pairs(self.by_path[path])
+            totals = dict.fromkeys(map(str, fmts), 0.0)
+            group: list = []
+
+            def flush():
+                # the head role: the reference's chunks computed once for a group of formats
+                nonlocal units
+                units += nb * self.head_units
+                for ref in fwd.references:
+                    res = compare_many([(r.head({head_path: q}), ref.hn) for _, q in group], ref, head)
+                    for (f, _), got in zip(group, res):
+                        totals[str(f)] += got["kl"].sum().item()
+                group.clear()
+
+            for f in fmts:
                 q = round_weight(self.rounding, path, stored, f)
-                total = 0.0
-                if path == head_path:
-                    qh = r.head({head_path: q})
-                    total += sum(qh.compare(ref.hn, ref, head)["kl"].sum().item() for ref in fwd.references)
-                    units += 2 * nb * self.head_units
                 if path == emb and estimate:
-                    total += embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, 1)
-                costs[str(f)] = _round(total / self.n_positions)
+                    totals[str(f)] += embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, 1)
+                if path == head_path:
+                    group.append((f, q))
+                    units += nb * self.head_units
+                    if sum(g.nbytes for _, g in group) > HEAD_GROUP_BYTES:
+                        flush()
+            if group:
+                flush()
+            costs = {f: _round(v / self.n_positions) for f, v in totals.items()}
             out[path] = costs
             self.store.add({"id": f"t:{path}", "path": path, "estimates": costs})
         self._done("embedding and head", units)
@@ -283,7 +313,7 @@ class Calibration:
                 res = self._sweep().run(streams, references=fwd.references, grams=self.hessians is not None,
                                         hessians=self.hessians)
                 self.units["exact pairs"] = self.units.get("exact pairs", 0.0) + res.block_forwards + \
-                    nb * 2 * self.head_units * len(streams)
+                    nb * self.head_units * (1 + len(streams))
                 for (p, f), s in zip(chunk, streams):
                     values.setdefault(p, {})[str(f)] = _round(float(res.streams[s.name]["kl"].mean()))
             for t in groups[layer]:

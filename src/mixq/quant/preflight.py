@@ -117,8 +117,31 @@ def _block_grams(anatomy) -> dict:
     for t in anatomy.tensors:
         if t.layer is None or t.module_type not in ("Linear", "SwitchLinear") or not t.path.endswith(".weight"):
             continue
-        out[t.layer] = out.get(t.layer, 0) + 4 * t.shape[-1] ** 2
+        out[t.layer] = out.get(t.layer, 0) + (4 * t.shape[-1] ** 2 if t.module_type == "Linear" else 0)
     return out
+
+
+def _block_rows(anatomy, tokens: int, top_k: int) -> dict:
+    """Bytes of the per-position (input, output gradient) rows the estimator keeps for one block."""
+    out: dict = {}
+    for t in anatomy.tensors:
+        if t.layer is None or t.module_type not in ("Linear", "SwitchLinear") or not t.path.endswith(".weight"):
+            continue
+        rows = tokens * (top_k if t.module_type == "SwitchLinear" else 1)
+        out[t.layer] = out.get(t.layer, 0) + 4 * rows * (t.shape[-1] + t.shape[-2])
+    return out
+
+
+def _rounding_bytes(anatomy, candidates) -> int:
+    """The largest tensor's GPTQ state: its factors (one per expert; a dense H is counted with the second
+    moments, an expert's is formed one at a time), one expert's H, its packed result, a row chunk."""
+    best = 0
+    for t in candidate_items(anatomy):
+        if t.module_type not in ("Linear", "SwitchLinear", "Embedding"):
+            continue
+        slices = t.shape[0] if t.module_type == "SwitchLinear" else 1
+        best = max(best, 4 * (slices + 1) * t.shape[-1] ** 2 + t.params + min(GPTQ_CHUNK, 4 * t.params))
+    return best
 
 
 def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
@@ -140,10 +163,10 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     per_block = _block_params(anatomy)
     biggest = max(per_block.values(), default=0)
     grams = max(_block_grams(anatomy).values(), default=0)
+    est_rows = max(_block_rows(anatomy, samples * seq_len, top_k).values(), default=0)
     tokens = samples * seq_len
     act = 4 * tokens * hidden
     n_blocks = len(per_block)
-    largest = max((t.params for t in anatomy.tensors), default=0)
     head_rows = min(vocab, max(256, (128 << 20) // (4 * max(hidden, 1))))
     mem = {
         "process": PROCESS_BASE,
@@ -151,7 +174,8 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         "block inputs (backward)": act * n_blocks,
         "streams": act * (streams + 2),
         "second moments": grams + 4 * tokens * top_k * hidden * 2,
-        "rounding": min(GPTQ_CHUNK, 4 * largest) + 8 * hidden ** 2,
+        "estimator rows": est_rows,
+        "rounding": _rounding_bytes(anatomy, candidates),
         "head": 2 * vocab * hidden + 4 * batch_size * seq_len * head_rows * 3,
     }
     avail = available_memory() if available == -1 else available

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from mixq.core.formats import Format
+from mixq.core.head import compare_many
 from mixq.quant.hessian import HessianMap, block_members, recording
 from mixq.quant.qweight import QuantizedWeight, round_weight
 
@@ -176,7 +177,7 @@ class ForwardSweep:
         if sample_key is not None:
             keys = mx.random.split(sample_key, len(hn))
             labels = [head.sample(x, k) for x, k in zip(hn, keys)]
-        results = {}
+        compared = []
         for s in streams:
             q = None
             if r.head_path in s.touched():
@@ -185,11 +186,12 @@ class ForwardSweep:
                     q = self._rounded(s, r.head_path, {r.head_path: head.weight})
                     if on_rounded:
                         on_rounded(s, r.head_path, q)
-            s_head = head if q is None else r.head({r.head_path: q})
-            s_hn = hn if s.h is None else [r.norm(x) for x in s.h]
-            per = [s_head.compare(x, ref, head, t) for x, ref, t in zip(s_hn, references, targets)]
-            results[s.name] = _collect(per, targets)
+            compared.append((head if q is None else r.head({r.head_path: q}),
+                             hn if s.h is None else [r.norm(x) for x in s.h]))
             s.h = None
+        per = [compare_many([(hd, xs[b]) for hd, xs in compared], references[b], head, targets[b])
+               for b in range(len(self.batches))]
+        results = {s.name: _collect([p[j] for p in per], targets) for j, s in enumerate(streams)}
         return SweepResult(references=references, streams=results, inputs=inputs, final=final, labels=labels,
                            head_gram=head_gram, block_forwards=bf, seconds=time.perf_counter() - t0,
                            block_seconds=block_seconds)
