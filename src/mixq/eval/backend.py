@@ -25,7 +25,8 @@ LOGITS_BYTES = 1 << 30  # float32 logits per forward batch: tokens x vocab x 4 s
 @dataclass
 class GenRequest:
     messages: list[dict] | None = None   # rendered with the chat template (plain transcript without one)
-    prompt: str | None = None            # raw text, no template
+    prompt: str | None = None            # raw text, no template (BOS added)
+    ids: list[int] | None = None         # token ids as they are (lm-eval's prompts: already encoded)
     tools: list[dict] | None = None      # OpenAI-style tools, given to the chat template
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
@@ -109,6 +110,9 @@ class LocalBackend:
 
     def render(self, req: GenRequest) -> tuple[str, list[int], bool]:
         """(prompt text, token ids, whether the prompt opened a reasoning block)."""
+        if req.ids is not None:
+            text = self.tok.decode(req.ids)
+            return text, list(req.ids), thinking_opened(text)
         if req.prompt is not None:
             return req.prompt, self.bos() + self.encode(req.prompt), False
         if not self.chat:

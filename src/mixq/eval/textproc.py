@@ -39,6 +39,19 @@ def strip_reasoning(text: str, opened: bool = False) -> str:
     return split_reasoning(text, opened)[1]
 
 
+def answer_text(text: str, opened: bool = False) -> str:
+    """The generated text with a leading reasoning block removed and nothing else touched (a completion's
+    indentation matters); "" when the block never closed."""
+    if not opened:
+        stripped = text.lstrip()
+        if not stripped.startswith(THINK_OPEN):
+            return text
+        text = stripped[len(THINK_OPEN):]
+    if THINK_CLOSE not in text:
+        return ""
+    return text.split(THINK_CLOSE, 1)[1].lstrip("\n")
+
+
 # ------------------------------------------------------------------------------------------------ numbers
 
 _NUM = r"-?[$0-9.,]{2,}|-?[0-9]+"
