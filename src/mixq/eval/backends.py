@@ -1,0 +1,46 @@
+"""Opening a role: a local model (mixq.eval.backend) or an OpenAI-compatible server (mixq.eval.server),
+and the lm-eval model that drives the same weights or server for lm-eval's tasks."""
+
+from __future__ import annotations
+
+from mixq.core.errors import MixqError
+
+
+def _is_url(spec: str) -> bool:
+    return str(spec).startswith(("http://", "https://"))
+
+
+def open_backend(role: str, spec: str, opts):
+    if _is_url(spec):
+        from mixq.eval.server import ServerBackend
+
+        name = opts.server_model if role == "model" or opts.server_model else None
+        return ServerBackend(spec, model=name, no_think=opts.no_think, chat=True, api_key=opts.api_key)
+    from mixq.core.modelio import load
+    from mixq.eval.backend import LocalBackend
+
+    kv = opts.kv_config if role == "model" else None
+    return LocalBackend(load(spec), no_think=opts.no_think, kv_config=kv, chat=True)
+
+
+def tokenizer_dir(opts, spec: str) -> str | None:
+    """A server's tokenizer for lm-eval's log-likelihood requests: --tokenizer, else none."""
+    if not opts.tokenizer:
+        return None
+    from mixq.core.modelio import resolve_model
+
+    return str(resolve_model(opts.tokenizer))
+
+
+def lm_eval_model(backend, spec: str, opts, needs_tokenizer: bool):
+    if backend.kind == "local":
+        from mixq.eval.lmeval.model import MixqLM
+
+        return MixqLM(backend=backend)
+    from mixq.eval.lmeval.server import server_lm
+
+    tok = tokenizer_dir(opts, spec)
+    if tok is None and needs_tokenizer:
+        raise MixqError("log-likelihood tasks through a server need the model's tokenizer: pass --tokenizer "
+                        "(a model directory or demo name)")
+    return server_lm(spec, backend.model, api_key=opts.api_key, tokenizer=tok, chat=bool(opts.apply_chat_template))
