@@ -36,7 +36,7 @@ def lm_eval_model(backend, spec: str, opts, needs_tokenizer: bool):
     if backend.kind == "local":
         from mixq.eval.lmeval.model import MixqLM
 
-        return MixqLM(backend=backend)
+        return MixqLM(backend=backend, quiet=not opts.progress)
     from mixq.eval.lmeval.server import server_lm
 
     tok = tokenizer_dir(opts, spec)

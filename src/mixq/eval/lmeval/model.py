@@ -37,7 +37,7 @@ IGNORED_ARGS = {"batch_size", "max_batch_size", "device", "trust_remote_code", "
 class MixqLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, kv_config: str | None = None, max_length: int | None = None,
                  no_think: bool | str = False, max_gen_toks: int = 256, backend: LocalBackend | None = None,
-                 **kwargs: Any):
+                 quiet: bool = False, **kwargs: Any):
         super().__init__()
         unknown = sorted(set(kwargs) - IGNORED_ARGS)
         if unknown:
@@ -53,6 +53,7 @@ class MixqLM(TemplateLM):
         self.tokenizer = getattr(backend.tok, "_tokenizer", backend.tok)
         self._max_length = int(max_length) if max_length else self._default_max_length()
         self.max_gen_toks = int(max_gen_toks)
+        self.quiet = quiet
 
     # -------------------------------------------------------------------------------- properties
     def _default_max_length(self) -> int:
@@ -106,6 +107,9 @@ class MixqLM(TemplateLM):
             raise MixqError(f"the chat template cannot render a prompt: {str(e).splitlines()[0]}") from e
 
     # -------------------------------------------------------------------------------- scoring
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         import mlx.core as mx
 

@@ -65,7 +65,7 @@ def sizing_for(spec: str) -> Sizing:
     from mixq.core.modelio import read_config, resolve_model
 
     path = resolve_model(spec)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), model_max_length=1 << 30)  # counting, not running
     cfg = read_config(path)
     ctx = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
     ctx = int(ctx or getattr(tok, "model_max_length", 0) or 2048)
