@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--output", "-o", help="directory for lm-eval's result and sample files and the comparison")
     p.add_argument("--no-think", action="store_true", help="render chat prompts with enable_thinking=False")
     p.add_argument("--max-tokens", type=int, help="token budget of every generation (task configs otherwise)")
+    p.add_argument("--max-length", type=int, help="context and rolling-window length in tokens (default: the "
+                                                  "model's; for servers, that of --tokenizer's model)")
     p.add_argument("--think-tokens", type=int, default=512, help="bfcl: extra budget for reasoning (default 512)")
     p.add_argument("--text", help="text file for kl (default: the shipped held-out text)")
     p.add_argument("--seq-len", type=int, help="kl window length (default 256)")
@@ -59,7 +61,7 @@ def _list_tasks() -> int:
 
 
 def _check_numbers(args) -> None:
-    for flag in ("limit", "seq_len", "max_tokens"):
+    for flag in ("limit", "seq_len", "max_tokens", "max_length"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise MixqError(f"--{flag.replace('_', '-')} must be >= 1 (got {v})")
@@ -86,6 +88,7 @@ def run(args) -> int:
         apply_chat_template=args.apply_chat_template, kv_config=args.kv_config, server=args.server,
         server_model=args.model if args.server else None, api_key=args.api_key, tokenizer=args.tokenizer,
         output=args.output, no_think=args.no_think, seed=args.seed, max_tokens=args.max_tokens,
+        max_length=args.max_length,
         think_tokens=args.think_tokens, text=args.text, seq_len=args.seq_len, timeout=args.timeout,
         hashhop_sizes=args.hashhop_sizes, thresholds=args.thresholds, progress=not (args.quiet or args.json))
     if args.no_cache:

@@ -36,11 +36,29 @@ def lm_eval_model(backend, spec: str, opts, needs_tokenizer: bool):
     if backend.kind == "local":
         from mixq.eval.lmeval.model import MixqLM
 
-        return MixqLM(backend=backend, quiet=not opts.progress)
+        return MixqLM(backend=backend, quiet=not opts.progress, max_length=opts.max_length)
     from mixq.eval.lmeval.server import server_lm
 
     tok = tokenizer_dir(opts, spec)
     if tok is None and needs_tokenizer:
         raise MixqError("log-likelihood tasks through a server need the model's tokenizer: pass --tokenizer "
                         "(a model directory or demo name)")
-    return server_lm(spec, backend.model, api_key=opts.api_key, tokenizer=tok, chat=bool(opts.apply_chat_template))
+    # lm-eval's API models keep 2 tokens of max_length back (one generated): --max-length N gives the local
+    # model's rolling windows of N; by default the whole context of the tokenizer's model, less those 2
+    window = opts.max_length + 2 if opts.max_length else (_context(tok) if tok else None)
+    return server_lm(spec, backend.model, api_key=opts.api_key, tokenizer=tok, chat=bool(opts.apply_chat_template),
+                     max_length=window)
+
+
+def _context(model_dir: str) -> int | None:
+    """The context length in a model directory's config (the local model's default max_length)."""
+    from pathlib import Path
+
+    from mixq.core.modelio import read_config
+
+    try:
+        cfg = read_config(Path(model_dir))
+    except MixqError:
+        return None
+    v = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return int(v) if v else None

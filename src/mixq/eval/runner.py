@@ -47,6 +47,7 @@ class EvalOptions:
     cache_dir: str | None = field(default_factory=lambda: str(default_dir()))
     seed: int = 0
     max_tokens: int | None = None       # generation budget of every generation task (task defaults otherwise)
+    max_length: int | None = None       # lm-eval's max_length: context and rolling-window length
     think_tokens: int = 512             # bfcl: extra budget for reasoning when thinking is on
     text: str | None = None             # kl text file (default: the shipped held-out text)
     seq_len: int | None = None          # kl window length

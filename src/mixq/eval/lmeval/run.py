@@ -128,15 +128,25 @@ def evaluate(lm, plan: Plan, opts, cache_db: str | None) -> dict:
 
     gen = {"max_gen_toks": int(opts.max_tokens)} if opts.max_tokens else None
     seed = int(opts.seed)
-    res = lm_eval.simple_evaluate(
+    try:
+        res = _simple_evaluate(lm_eval, lm, plan, opts, cache_db, gen, seed)
+    except MixqError:
+        raise
+    except Exception as e:  # a server that refuses or fails, a task lm-eval cannot run: one line for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MixqError(f"lm-eval failed: {type(e).__name__}: {msg[:300]}") from e
+    if res is None:
+        raise MixqError("lm-eval returned no results")
+    return res
+
+
+def _simple_evaluate(lm_eval, lm, plan, opts, cache_db, gen, seed):
+    return lm_eval.simple_evaluate(
         model=lm, tasks=plan.names, task_manager=task_manager(plan), num_fewshot=opts.num_fewshot,
         limit=opts.limit, use_cache=cache_db, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True,
         apply_chat_template=bool(opts.apply_chat_template), fewshot_as_multiturn=bool(opts.apply_chat_template),
         gen_kwargs=gen, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         fewshot_random_seed=seed, confirm_run_unsafe_code=True)
-    if res is None:
-        raise MixqError("lm-eval returned no results")
-    return res
 
 
 def cache_db(cache_dir: str | None, identity: dict, settings: dict) -> str | None:
