@@ -74,6 +74,10 @@ def _check_numbers(args) -> None:
 
 
 def run(args) -> int:
+    if args.quiet or args.json:  # before lm-eval and datasets import tqdm (it reads the variable then)
+        import os
+
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from mixq.eval import results
     from mixq.eval.runner import EvalOptions, run_eval
 

@@ -122,6 +122,15 @@ def _check(opts: EvalOptions, names: list[str], specs: dict[str, str]) -> None:
             raise MixqError("task kl needs full next-token distributions: local models, not servers")
     if opts.kv_config and is_url(specs["model"]):
         raise MixqError("--kv-config applies to a local model; the server has its own cache settings")
+    if opts.kv_config:  # a config for another model is refused before anything loads
+        from mixq.core.modelio import fingerprint, resolve_model
+        from mixq.kvcache import load_config
+
+        made = load_config(opts.kv_config)["model"]
+        fp, here = made.get("fingerprint"), fingerprint(resolve_model(specs["model"]))
+        if fp and fp != here:
+            raise MixqError(f"--kv-config {opts.kv_config} was made for another model: fingerprint {fp[:12]} there, "
+                            f"{here[:12]} here")
     if any(n.startswith("humaneval") for n in names):
         from mixq.eval.sandbox import confinement
 

@@ -214,7 +214,7 @@ def _notes(doc: dict, judged: list[str], cap: dict | None) -> list[str]:
     notes = ["Values ± standard error; n = items per model (lm-eval's limit applies per subtask)."]
     if judged:
         notes.append(
-            "Verdicts vs the reference: accuracy drop Pass < {p} pt, Warn ≤ {w} pt; perplexity increase Pass ≤ "
+            "Verdicts vs the reference: accuracy drop Pass ≤ {p} pt, Warn ≤ {w} pt; perplexity increase Pass ≤ "
             "+{rp:g} %, Warn ≤ +{rw:g} %; mean KL Pass ≤ {kp} nats, Warn ≤ {kw}; else Fail. A Warn or Fail needs "
             "a change beyond two standard errors, else \"within noise\".".format(
                 p=t["points"]["pass"], w=t["points"]["warn"], rp=100 * t["relative"]["pass"],
