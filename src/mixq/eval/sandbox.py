@@ -47,10 +47,8 @@ GUARD = r'''
 def _guard():
     import os, sys, sysconfig, builtins
     # everything used after the program runs is bound here, so patching builtins or os cannot reach it
-    exec_, compile_, type_, len_, any_, dict_ = exec, compile, type, len, any, dict
-    str_, bytes_, int_, BaseExc, PermErr = str, bytes, int, BaseException, PermissionError
-    write, exit_, fsdecode = os.write, os._exit, os.fsdecode
-    o_write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    exec_, compile_, type_, dict_, BaseExc = exec, compile, type, dict, BaseException
+    write, exit_ = os.write, os._exit
     nonce = os.read(int(sys.argv[1]), 64)
     os.close(int(sys.argv[1]))
     entry = sys.argv[3]
@@ -66,6 +64,36 @@ def _guard():
     write(res, nonce + b" confined " + kind.encode() + b"\n")
     if kind == "none":
         exit_(3)
+    hook, inside = _make_hook(root, readable)
+    sys.path[:] = [p for p in sys.path if inside(p, (root,) + readable)]
+    sys.addaudithook(hook)
+    del hook
+    try:
+        ns = {"__name__": "__main__", "__builtins__": builtins}
+        exec_(compile_(prog, "prog.py", "exec"), ns)
+        tns = {"__name__": "__test__", "__builtins__": dict_(pristine)}
+        exec_(compile_(test, "test.py", "exec"), tns)
+        tns["check"](ns[entry])
+    except BaseExc as e:
+        try:
+            name = type_(e).__name__
+            name = name if type_(name) is str else "?"
+        except BaseExc:
+            name = "?"
+        clean = "".join([c for c in name[:60] if c.isalnum() or c == "_"])
+        write(res, nonce + b" failed " + clean.encode() + b"\n")
+        exit_(1)
+    write(res, nonce + b" passed\n")
+    exit_(0)
+
+
+def _make_hook(root, readable):
+    """The audit hook, with its own bindings of everything it calls (made before the program runs)."""
+    import os, sys
+    type_, len_, any_ = type, len, any
+    str_, bytes_, int_, BaseExc, PermErr = str, bytes, int, BaseException, PermissionError
+    fsdecode = os.fsdecode
+    o_write = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
     def norm(p):
         # lexical: no library call the program could have replaced; symlinks out are refused when made
@@ -146,26 +174,7 @@ def _guard():
             if not inside(args[0], rw if writing else ro):
                 raise PermErr("sandbox: files outside the working directory are not allowed")
 
-    sys.path[:] = [p for p in sys.path if inside(p, ro)]
-    sys.addaudithook(hook)
-    del hook
-    try:
-        ns = {"__name__": "__main__", "__builtins__": builtins}
-        exec_(compile_(prog, "prog.py", "exec"), ns)
-        tns = {"__name__": "__test__", "__builtins__": dict_(pristine)}
-        exec_(compile_(test, "test.py", "exec"), tns)
-        tns["check"](ns[entry])
-    except BaseExc as e:
-        try:
-            name = type_(e).__name__
-            name = name if type_(name) is str_ else "?"
-        except BaseExc:
-            name = "?"
-        clean = "".join([c for c in name[:60] if c.isalnum() or c == "_"])
-        write(res, nonce + b" failed " + clean.encode() + b"\n")
-        exit_(1)
-    write(res, nonce + b" passed\n")
-    exit_(0)
+    return hook, inside
 
 
 def _confine():
