@@ -167,6 +167,7 @@ def run_eval(opts: EvalOptions) -> dict:
     doc = results.document(opts, names, roles, plan, native_data)
     doc["seconds"] = round(time.perf_counter() - t0, 3)
     doc["thresholds"] = thresholds
+    doc["capability"] = capability
     doc["config"] = asdict(opts) | {"api_key": "***" if opts.api_key else None}
     table.summarize(doc, thresholds)
     doc["table"] = table.markdown(doc)

@@ -194,6 +194,8 @@ def markdown(doc: dict) -> str:
             lines += ["| " + " | ".join(c) + " |" for c in _rows(doc, t, roles, judged)]
     caps = {r: doc["roles"][r]["capability"] for r in roles}
     some = next((c for c in caps.values() if c["score"] is not None), None)
+    if some and not (doc.get("capability") or not some["partial"]):
+        some = None  # a few of the six among other tasks: no score to speak of
     if some:
         label = "**Capability Score**" + (f" (partial: {len(some['present'])}/{len(scores.CAPABILITY)})"
                                           if some["partial"] else "")
