@@ -84,9 +84,25 @@ def _run_lm_eval(model_args, tasks, tmp_path, capsys, extra=()):
     return json.loads(results.read_text())["results"]
 
 
-def test_mixq_eval_equals_lm_eval_with_the_mixq_model(qwen3, tmp_path, capsys):
-    mine = _run_eval([str(qwen3), "--tasks", "wikitext,mmlu", "--limit", "3"], capsys)
-    theirs = _run_lm_eval(("mixq", f"pretrained={qwen3}"), "wikitext,mmlu", tmp_path, capsys)
+WINDOW = ["--max-length", "1024"]  # rolling windows of 1024 tokens everywhere (lm-eval's API models: 1026 - 2)
+
+
+@pytest.fixture(scope="module")
+def local(qwen3):
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["eval", str(qwen3), "--tasks", "wikitext,mmlu", "--limit", "3", *WINDOW, "--quiet", "--no-cache",
+                   "--json"])
+    assert rc == 0
+    return json.loads(out.getvalue())["roles"]["model"]["lm_eval"]["results"]
+
+
+def test_mixq_eval_equals_lm_eval_with_the_mixq_model(qwen3, local, tmp_path, capsys):
+    mine = local
+    theirs = _run_lm_eval(("mixq", f"pretrained={qwen3},max_length=1024"), "wikitext,mmlu", tmp_path, capsys)
     for task, key in (("wikitext", "word_perplexity,none"), ("wikitext", "byte_perplexity,none"),
                       ("mmlu", "acc,none"), ("mmlu_computer_security", "acc,none")):
         assert mine[task][key] == theirs[task][key], (task, key)
@@ -107,14 +123,12 @@ def _serving(path):
         engine.stop()
 
 
-def test_local_and_served_agree(qwen3, tmp_path, capsys):
+def test_local_and_served_agree(qwen3, local, tmp_path, capsys):
     """The same data through the local model, through `mixq eval --server` and through lm-eval's
     local-completions against mixq serve (api key required)."""
-    window = ["--max-length", "1024"]  # rolling windows of 1024 tokens everywhere (lm-eval's API: 1026 - 2)
-    local = _run_eval([str(qwen3), "--tasks", "wikitext,mmlu", "--limit", "3", *window], capsys)
     with _serving(qwen3) as srv:
         served = _run_eval(["m", "--server", srv.url, "--api-key", "k", "--tokenizer", str(qwen3),
-                            "--tasks", "wikitext,mmlu", "--limit", "3", *window], capsys)
+                            "--tasks", "wikitext,mmlu", "--limit", "3", *WINDOW], capsys)
         import os
 
         os.environ["OPENAI_API_KEY"] = "k"
