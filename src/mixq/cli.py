@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": "OpenAI-compatible server: chat (reasoning split, tools), completions with logprobs, batching",
     "kv-cache": "Measure K/V sensitivity per attention layer and write a mixed-bit kv_config.json",
     "eval": "Benchmarks, Capability Score, deltas vs a baseline and verdicts vs the float reference",
+    "lm-eval": "lm-evaluation-harness's CLI with the mixq model registered and tasks fed from local files",
     "bench": "Prompt and generation speed, time to first token and peak memory, saved to MODEL/mixq/bench.json",
     "card": "Write a Hugging Face model card (README.md) from the model's convert/eval/bench/kv results",
     "doctor": "Find (and with --fix repair) what breaks a converted model in other runtimes",

@@ -1,15 +1,9 @@
 """The local backend: thinking on/off in the rendered prompt, batched generation equal to one-by-one
-(hybrid models batch only equal-length prompts), stop strings, data loading paths."""
-
-import gzip
-import json
+(hybrid models batch only equal-length prompts), stop strings."""
 
 import pytest
 
-from mixq.core.errors import MixqError
-from mixq.eval import registry
 from mixq.eval.backend import GenRequest, LocalBackend
-from mixq.eval.runner import EvalOptions
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +44,3 @@ def test_stop_strings_cut_the_output(dense):
     if cut_at.strip():
         stopped = be.generate([GenRequest(prompt="Once upon a time", max_tokens=12, stop=[cut_at])])[0]
         assert stopped.finish == "stop" and cut_at not in stopped.text and free.text.startswith(stopped.text)
-
-
-def test_official_file_variants_and_hf_without_datasets(tmp_path):
-    d = tmp_path / "humaneval"
-    d.mkdir()
-    row = {"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
-           "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
-    (d / "HumanEval.jsonl.gz").write_bytes(gzip.compress((json.dumps(row) + "\n").encode()))
-    data = registry.get("humaneval").load(EvalOptions(data_dir=str(tmp_path)), None)
-    assert [s["id"] for s in data.samples] == ["T/0"] and not data.sample_data
-    (tmp_path / "gsm8k").mkdir()
-    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 3"}))
-    with pytest.raises(MixqError, match="train.jsonl not found"):
-        registry.get("gsm8k").load(EvalOptions(data_dir=str(tmp_path)), None)
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(MixqError, match="datasets"):
-            registry.get("gsm8k").load(EvalOptions(data_dir="hf"), None)

@@ -1,8 +1,7 @@
-"""bfcl (AST, type and value checks) and humaneval (sandboxed execution: code that passes, fails, loops,
-crashes, eats memory, or tries the network, a subprocess or the file system outside its directory)."""
+"""bfcl: the AST checker (types, values, optional parameters), tool conversion, the pipeline on the
+shipped sample data through a scripted backend, missing answer files."""
 
 import json
-import time
 
 import pytest
 
@@ -10,8 +9,7 @@ from mixq.core.errors import MixqError
 from mixq.eval import registry
 from mixq.eval.backend import GenResult
 from mixq.eval.runner import EvalOptions, run_task
-from mixq.eval.sandbox import run_program
-from mixq.eval.tasks import bfcl, humaneval
+from mixq.eval.tasks import bfcl
 
 FN = {"name": "shop.quote", "parameters": {"type": "dict", "properties": {
     "weight": {"type": "float"}, "count": {"type": "integer"}, "express": {"type": "boolean"},
@@ -83,8 +81,9 @@ class Scripted:
 
 
 def _run(name, gen, **kw):
-    return run_task(registry.get(name), Scripted(gen), None,
-                    EvalOptions(cache_dir=None, progress=False, **kw), "model")
+    opts = EvalOptions(cache_dir=None, progress=False, **kw)
+    task = registry.get(name)
+    return run_task(task, Scripted(gen), None, opts, "model", task.load(opts, opts.limit))
 
 
 def test_bfcl_pipeline_on_sample_data():
@@ -114,67 +113,3 @@ def test_bfcl_missing_answer_file(tmp_path):
     (d / "possible_answer" / "BFCL_v3_simple.json").write_text("")
     with pytest.raises(MixqError, match="no ground truth"):
         registry.get("bfcl").load(EvalOptions(data_dir=str(tmp_path)), None)
-
-
-# ------------------------------------------------------------------------------------------- sandbox
-
-def test_sandbox_outcomes(tmp_path):
-    assert run_program("assert 1 + 1 == 2\n").status == "passed"
-    r = run_program("assert 1 + 1 == 3, 'math'\n")
-    assert r.status == "failed" and "AssertionError" in r.detail
-    assert run_program("def f(:\n").status == "failed"                            # syntax error
-    assert run_program("import os\nos.abort()\n").status == "failed"              # crash
-    t0 = time.perf_counter()
-    r = run_program("while True:\n    pass\n", timeout=1.0)
-    assert r.status == "timeout" and time.perf_counter() - t0 < 5
-    r = run_program("while True:\n    print('x' * 4096)\n", timeout=3.0)  # output is capped, not buffered
-    assert r.status in ("failed", "timeout")
-    r = run_program("x = bytearray(4 << 30)\n", memory=512 << 20)
-    assert r.status == "failed" and "MemoryError" in r.detail
-    r = run_program("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n")
-    assert r.status == "failed" and "mixq sandbox: socket" in r.detail
-    r = run_program("import urllib.request\nurllib.request.urlopen('http://example.com', timeout=2)\n")
-    assert r.status == "failed"
-    r = run_program("import subprocess\nsubprocess.run(['true'])\n")
-    assert r.status == "failed" and "subprocess.Popen" in r.detail
-    target = tmp_path / "outside.txt"
-    r = run_program(f"open({str(target)!r}, 'w').write('x')\n")
-    assert r.status == "failed" and not target.exists()
-    assert run_program("open('inside.txt', 'w').write('x')\nprint(open('inside.txt').read())\n").status == "passed"
-
-
-def _canonical() -> dict:
-    from mixq.eval.datafiles import SHIPPED
-
-    lines = (SHIPPED / "humaneval" / "HumanEval.jsonl").read_text().splitlines()
-    return {r["task_id"]: r["canonical_solution"] for r in map(json.loads, lines)}
-
-
-def test_sandbox_without_network_namespace(monkeypatch):
-    """The audit hook alone keeps the network out (kernels without user namespaces)."""
-    from mixq.eval import sandbox
-
-    monkeypatch.setattr(sandbox, "_NETNS", False)
-    r = run_program("import socket\ns = socket.socket()\n")
-    assert r.status == "failed" and "socket" in r.detail and not r.network_namespace
-
-
-def test_humaneval_programs_and_canonical_solutions():
-    data = registry.get("humaneval").load(EvalOptions(), None)
-    t = data.samples[0]
-    canon = _canonical()[t["id"]]
-    assert run_program(humaneval.program(t, canon, chat=False)).status == "passed"
-    full = t["prompt"] + canon
-    assert run_program(humaneval.program(t, f"Sure:\n```python\n{full}```\n", chat=True)).status == "passed"
-    assert run_program(humaneval.program(t, f"```python\n{canon}```", chat=True)).status == "passed"  # body only
-    assert run_program(humaneval.program(t, "    return 0\n", chat=False)).status == "failed"
-
-    def solve(r):
-        prompt = r.messages[0]["content"]
-        s = next(x for x in data.samples if x["prompt"] in prompt)
-        return f"```python\n{s['prompt']}{_canonical()[s['id']]}```"
-
-    res = _run("humaneval", solve)
-    assert res["metrics"]["pass@1"] == 1.0, [r["detail"] for r in res["samples"]]
-    res = _run("humaneval", lambda r: "```python\nwhile True: pass\n```", limit=1, timeout=1.0)
-    assert res["samples"][0]["status"] == "timeout" and res["metrics"]["pass@1"] == 0.0

@@ -6,11 +6,10 @@ import json
 import pytest
 
 from mixq.core.errors import MixqError
-from mixq.eval import registry
-from mixq.eval.runner import EvalOptions
+from mixq.eval.lmeval import data
 from mixq.eval.tasks._ifeval_checks import (CHECKS, Uncheckable, check, count_sentences, detect_language,
                                             validate)
-from mixq.eval.tasks.ifeval import score
+from mixq.eval.lmeval.ifeval import agg_inst_level_acc, process_results
 
 LONG = " ".join(["word"] * 60)
 
@@ -97,26 +96,29 @@ def test_uncheckable_is_an_error():
 
 
 def test_sample_file_covers_every_type_and_bad_files_fail(tmp_path):
-    data = registry.get("ifeval").load(EvalOptions(), None)
-    assert {i for s in data.samples for i in s["ids"]} == set(CHECKS)
+    ds = data.prepare("google/IFEval", None, tmp_path / "work")
+    rows = [json.loads(x) for x in (ds.path / "default" / "train.jsonl").read_text().splitlines()]
+    assert {i for r in rows for i in r["instruction_id_list"]} == set(CHECKS)
     d = tmp_path / "ifeval"
     d.mkdir()
     row = {"key": 1, "prompt": "p", "instruction_id_list": ["detectable_format:limerick"], "kwargs": [{}]}
     (d / "input_data.jsonl").write_text(json.dumps(row))
     with pytest.raises(MixqError, match="no verifier"):
-        registry.get("ifeval").load(EvalOptions(data_dir=str(tmp_path)), None)
+        data.prepare("google/IFEval", str(tmp_path), tmp_path / "work")
     row = {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}
     (d / "input_data.jsonl").write_text(json.dumps(row))
     with pytest.raises(MixqError, match="equal length"):
-        registry.get("ifeval").load(EvalOptions(data_dir=str(tmp_path)), None)
+        data.prepare("google/IFEval", str(tmp_path), tmp_path / "work")
 
 
-def test_strict_and_loose():
-    ids = ["startend:quotation", "punctuation:no_comma"]
-    r = score('Sure, here it is:\n"Quiet night"', ids, [{}, {}])
-    assert r["strict"] == [False, False] and r["loose"] == [True, True]
-    assert not r["prompt_strict"] and r["prompt_loose"]
-    assert score("", ["punctuation:no_comma"], [{}])["strict"] == [False]  # an empty response follows nothing
+def test_strict_and_loose_as_lm_evals_process_results():
+    doc = {"instruction_id_list": ["startend:quotation", "punctuation:no_comma"], "kwargs": json.dumps([{}, {}])}
+    r = process_results(doc, ['Sure, here it is:\n"Quiet night"'])
+    assert r == {"prompt_level_strict_acc": False, "inst_level_strict_acc": [False, False],
+                 "prompt_level_loose_acc": True, "inst_level_loose_acc": [True, True]}
+    empty = process_results({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}, [""])
+    assert empty["inst_level_strict_acc"] == [False]  # an empty response follows nothing
+    assert agg_inst_level_acc([[True, False], [True]]) == pytest.approx(2 / 3)
 
 
 def test_helpers():

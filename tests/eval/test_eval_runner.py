@@ -1,5 +1,5 @@
-"""`mixq eval` end to end on the fixtures: table with baseline, deltas, sizes and verdicts; JSON with
-per-sample records; the per-sample cache resumes an interrupted run; user errors are one line, exit 2."""
+"""`mixq eval` end to end on the fixtures: the table with baseline, reference, standard errors, sizes and
+verdicts; lm-eval's result and sample files; the caches answer a second run; user errors are one line."""
 
 import json
 
@@ -27,53 +27,51 @@ def _eval(args, capsys):
     return rc, cap.out, cap.err
 
 
-def test_compare_table_json_and_resume(nemotron_dense, dense_q4, tmp_path, capsys):
-    out = tmp_path / "eval.json"
+def test_compare_table_results_and_resume(nemotron_dense, dense_q4, tmp_path, capsys):
+    out = tmp_path / "out"
     cache = tmp_path / "cache"
     args = [str(dense_q4), "--baseline", str(dense_q4), "--reference", str(nemotron_dense),
-            "--tasks", "perplexity,kl,hashhop", "--limit", "2", "--max-tokens", "4", "--seq-len", "64",
+            "--tasks", "wikitext,kl,hashhop,mmlu", "--limit", "2", "--seq-len", "64", "--hashhop-sizes", "512",
             "--cache-dir", str(cache), "-o", str(out)]
     rc, table, err = _eval(args, capsys)
     assert rc == 0, err
     head = table.splitlines()[0]
-    for col in ("reference", "baseline", "model", "Δ model − baseline", "verdict: baseline", "verdict: model"):
+    for col in ("reference", "baseline", "model", "verdict: baseline", "verdict: model"):
         assert col in head
-    assert "| perplexity | word ppl ↓ | 2 |" in table and "byte ppl" in table
-    assert "KL mean" in table and "KL p99" in table and "top-1 agreement" in table
-    assert "size on disk" in table and "Capability Score** (partial: 1/6)" in table
-    assert "Pass ≤ 1.0 pt" in table  # thresholds are stated
-    doc = json.loads(out.read_text())
-    res = doc["results"]
-    assert set(res) == {"reference", "baseline", "model"} and "kl" not in res["reference"]
-    kl = res["model"]["kl"]
-    assert kl["n"] == 2 and len(kl["samples"]) == 2 and 0 < kl["metrics"]["kl_mean"] < 1
-    assert 0 <= kl["metrics"]["top1"] <= 1 and kl["metrics"]["kl_median"] <= kl["metrics"]["kl_p99"]
-    assert doc["models"]["baseline"]["size_bytes"] < doc["models"]["reference"]["size_bytes"]
-    assert doc["summary"]["verdicts"]["model"]["kl"]["verdict"] in ("Pass", "Warn", "Fail")
-    assert doc["summary"]["capability"]["model"]["missing"] == ["mmlu", "gsm8k", "ifeval", "bfcl", "humaneval"]
-    hh = res["model"]["hashhop"]["samples"]
-    assert {r["hops"] for r in hh} == {1, 2} and all(r["target"] for r in hh)
+    assert "| WikiText-2 † | word perplexity ↓ | 2 |" in table and " ± " in table
+    assert "mean KL" in table and "KL p99" in table and "1-hop %" in table
+    assert "size on disk" in table and "Capability Score" not in table  # not asked for, 2 of 6 present
+    assert "Pass ≤ 2.0 pt" in table and "mmlu: 3 of its 57 subtasks" in table
+    # lm-eval's layout, per role: results / _stderr / n-shot / configs / versions, and samples files
+    (res_file,) = (out / "model").glob("results_*.json")
+    res = json.loads(res_file.read_text())
+    for key in ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
+                "n-samples"):
+        assert key in res, key
+    assert "word_perplexity_stderr,none" in res["results"]["wikitext"] and "kl_mean_stderr,none" in res["results"]["kl"]
+    assert res["n-shot"]["mmlu_computer_security"] == 0 and res["versions"]["kl"] == "mixq-1"
+    assert {p.name.split("_2")[0] for p in (out / "model").glob("samples_*.jsonl")} >= {
+        "samples_wikitext", "samples_kl", "samples_hashhop_hop1", "samples_mmlu_computer_security"}
+    assert not list((out / "reference").glob("samples_kl_*"))  # the reference is not compared with itself
+    doc = json.loads((out / "comparison.json").read_text())
+    v = doc["roles"]["model"]["verdicts"]
+    assert v["wikitext"]["verdict"] in ("Pass", "Warn", "Fail", "within noise") and v["wikitext"]["n"] == 2
+    assert doc["roles"]["baseline"]["model"]["size_bytes"] < doc["roles"]["reference"]["model"]["size_bytes"]
+    kl = doc["roles"]["model"]["lm_eval"]["results"]["kl"]
+    assert 0 < kl["kl_mean,none"] < 1 and kl["kl_median,none"] <= kl["kl_p99,none"]
 
-    # interrupted: drop the last record of the model's kl cache (and tear a line); the rerun resumes
-    kl_cache = next(p for p in cache.rglob("kl-*.jsonl"))
-    lines = kl_cache.read_text().splitlines()
-    kl_cache.write_text(lines[0] + "\n" + lines[1][:20])
+    # a second run answers from the caches (lm-eval's request cache, mixq's per-sample cache): same numbers
+    assert list((cache / "lm-eval").glob("*.db"))
     rc, table2, _ = _eval(args, capsys)
-    assert rc == 0
-    doc2 = json.loads(out.read_text())
-    # the baseline runs first and redoes the missing window; the model (same weights) then finds both
-    assert doc2["results"]["baseline"]["kl"]["cached"] == 1
-    assert doc2["results"]["model"]["kl"]["cached"] == 2 and doc2["results"]["model"]["hashhop"]["cached"] == 2
-    assert doc2["results"]["model"]["kl"]["metrics"] == pytest.approx(kl["metrics"], rel=1e-3)
-    assert len(kl_cache.read_text().splitlines()) == 2
+    assert rc == 0 and table2 == table
 
 
 def test_self_reference_is_zero_kl(nemotron_dense, tmp_path, capsys):
     rc, table, err = _eval([str(nemotron_dense), "--reference", str(nemotron_dense), "--tasks", "kl",
                             "--limit", "1", "--seq-len", "32", "--no-cache", "--json"], capsys)
     assert rc == 0, err
-    m = json.loads(table)["results"]["model"]["kl"]["metrics"]
-    assert m["kl_mean"] < 1e-5 and m["top1"] == 1.0 and m["ppl"] == pytest.approx(m["ref_ppl"])
+    m = json.loads(table)["roles"]["model"]["lm_eval"]["results"]["kl"]
+    assert m["kl_mean,none"] < 1e-5 and m["top1,none"] == 1.0 and m["ppl,none"] == pytest.approx(m["ref_ppl,none"])
 
 
 def test_user_errors(nemotron_dense, tmp_path, capsys):
@@ -82,8 +80,12 @@ def test_user_errors(nemotron_dense, tmp_path, capsys):
         [str(nemotron_dense), "--tasks", "nope"],                # unknown task
         [str(nemotron_dense), "--tasks", "hashhop", "--limit", "0"],
         [str(tmp_path / "missing-model"), "--tasks", "hashhop"],
-        [str(nemotron_dense), "--tasks", "perplexity", "--text", str(tmp_path / "none.txt")],
+        [str(nemotron_dense), "--reference", str(nemotron_dense), "--tasks", "kl", "--text", str(tmp_path / "no.txt")],
         [str(nemotron_dense), "--tasks", "mmlu", "--data-dir", str(tmp_path / "nodir")],
+        [str(nemotron_dense), "--tasks", "wikitext", "--data-dir", str(tmp_path)],   # no wiki.test.raw: no fallback
+        [str(nemotron_dense), "--tasks", "hellaswag"],           # lm-eval task mixq has no local data for
+        [str(nemotron_dense), "--tasks", "hashhop", "--hashhop-sizes", "64k"],  # beyond the context
+        [str(nemotron_dense), "--tasks", "mmlu", "--thresholds", "points=5:1"],
         ["--tasks", "hashhop"],                                  # no model
     ]
     for argv in cases:
@@ -94,7 +96,8 @@ def test_user_errors(nemotron_dense, tmp_path, capsys):
 def test_list_tasks(capsys):
     assert main(["eval", "--list-tasks"]) == 0
     out = capsys.readouterr().out
-    for name in ("perplexity", "kl", "hashhop"):
+    for name in ("wikitext", "mmlu", "gsm8k_cot", "ifeval", "humaneval", "ja_leaderboard_jcommonsenseqa", "hashhop",
+                 "bfcl", "kl"):
         assert name in out
 
 
@@ -105,14 +108,14 @@ def test_kv_config_is_used(nemotron_dense, tmp_path, capsys):
 
     kv = tmp_path / "kv.json"
     kv.write_text(json.dumps(uniform_config(load(nemotron_dense), 4)))
-    args = [str(nemotron_dense), "--reference", str(nemotron_dense), "--tasks", "kl,hashhop", "--limit", "1",
+    args = [str(nemotron_dense), "--reference", str(nemotron_dense), "--tasks", "kl,gsm8k_cot", "--limit", "1",
             "--seq-len", "48", "--max-tokens", "3", "--no-cache", "--json"]
     rc, out, err = _eval([*args, "--kv-config", str(kv)], capsys)
     assert rc == 0, err
     doc = json.loads(out)
-    assert doc["models"]["model"]["kv_config"] is True
-    assert doc["results"]["model"]["kl"]["metrics"]["kl_mean"] > 1e-6  # 4-bit K/V moves the distributions
-    assert doc["results"]["model"]["hashhop"]["samples"][0]["finish"] in ("stop", "length")
+    assert doc["roles"]["model"]["model"]["kv_config"] is True
+    assert doc["roles"]["model"]["lm_eval"]["results"]["kl"]["kl_mean,none"] > 1e-6  # 4-bit K/V moves them
+    assert doc["roles"]["model"]["lm_eval"]["n-samples"]["gsm8k_cot"]["effective"] == 1
     other = tmp_path / "other.json"
     cfg = json.loads(kv.read_text())
     cfg["model"]["fingerprint"] = "0" * 64

@@ -1,5 +1,5 @@
-"""--server: tasks run against an OpenAI-compatible server (a scripted one on loopback): chat generation
-with reasoning split and tool calls, echoed log-probs for multiple choice and perplexity."""
+"""--server: lm-eval's tasks and mixq's own through an OpenAI-compatible server (a canned one on loopback):
+HumanEval's six exit-0 tricks score 0 and a correct solution 1; the API key goes with every request."""
 
 import json
 import re
@@ -11,9 +11,22 @@ import pytest
 from mixq.core.errors import MixqError
 from mixq.eval.runner import EvalOptions, run_eval
 
+TRICKS = {
+    "sys_exit": "    return 0\nimport sys\nsys.exit(0)\n",
+    "os_exit": "    return 0\nimport os\nos._exit(0)\n",
+    "system_exit": "    return 0\nraise SystemExit(0)\n",
+    "unittest_main": "    return 0\nimport unittest\nunittest.main()\n",
+    "atexit": "    return a - b\nimport atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "fork_exec": ("    return 0\nimport _posixsubprocess, os\nr, w = os.pipe()\ntry:\n"
+                  "    _posixsubprocess.fork_exec([b'/bin/sh', b'-c', b'exit 0'], [b'/bin/sh'], True, (), None, None,"
+                  " -1, -1, -1, -1, -1, -1, r, w, True, False, 0, None, None, None, -1, None, False)\n"
+                  "except BaseException:\n    pass\nos._exit(0)\n"),
+    "correct": "    return a + b\n",
+}
+
 
 class Handler(BaseHTTPRequestHandler):
-    bodies: list = []
+    seen: list = []
 
     def log_message(self, *a):
         pass
@@ -27,73 +40,64 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self._send({"data": [{"id": "scripted-model"}]})
+        Handler.seen.append(("GET", self.path, self.headers.get("Authorization")))
+        self._send({"data": [{"id": "canned"}]})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Handler.bodies.append((self.path, body))
-        if self.path == "/v1/chat/completions":
-            if body.get("tools"):
-                name = body["tools"][0]["function"]["name"]
-                msg = {"content": None, "tool_calls": [{"type": "function", "function": {
-                    "name": name, "arguments": json.dumps({"bogus": 1})}}]}
-            else:
-                text = body["messages"][-1]["content"]
-                edges = dict(re.findall(r"^(\w{8}) = (\w{8})$", text, flags=re.M))
-                m = re.search(r"Start at (\w+) and follow (\d)", text)
-                h = m.group(1) if m else ""
-                for _ in range(int(m.group(2)) if m else 0):
-                    h = edges[h]
-                msg = {"content": h, "reasoning_content": "I follow the chain."}
+        Handler.seen.append(("POST", self.path, self.headers.get("Authorization")))
+        if self.path == "/v1/completions":  # HumanEval: the canned completion for the function asked for
+            name = re.search(r"def (\w+)\(", body["prompt"]).group(1).split("_", 1)[1]
+            return self._send({"choices": [{"index": 0, "text": TRICKS[name], "finish_reason": "stop"}]})
+        if self.path == "/v1/chat/completions":  # BFCL: a call with a parameter the function does not have
+            name = body["tools"][0]["function"]["name"]
+            msg = {"content": None, "tool_calls": [{"type": "function", "function": {
+                "name": name, "arguments": json.dumps({"bogus": 1})}}]}
             return self._send({"choices": [{"message": msg, "finish_reason": "stop"}]})
-        if self.path == "/v1/completions":
-            if body.get("echo"):
-                toks = re.findall(r"\s*\S+|\s+", body["prompt"])
-                offs, o = [], 0
-                for t in toks:
-                    offs.append(o)
-                    o += len(t)
-                lps = [None] + [-0.5 if t == " B" else -1.0 for t in toks[1:]]
-                lp = {"tokens": toks + ["x"], "token_logprobs": lps + [-1.0], "text_offset": offs + [o]}
-                return self._send({"choices": [{"text": body["prompt"] + "x", "logprobs": lp}]})
-            return self._send({"choices": [{"text": "42", "finish_reason": "stop"}]})
         self._send({"error": {"message": "no such route"}}, 404)
 
 
 @pytest.fixture(scope="module")
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
 
 
-def test_tasks_through_a_server(server):
-    Handler.bodies.clear()
-    opts = EvalOptions(server=server, tasks="hashhop,mmlu,perplexity,bfcl", limit=3, no_think=True,
+def _humaneval_dir(tmp_path):
+    d = tmp_path / "humaneval"
+    d.mkdir()
+    rows = [{"task_id": f"Canned/{i}", "prompt": f'def add_{name}(a, b):\n    """Add a and b."""\n',
+             "canonical_solution": "    return a + b\n", "entry_point": f"add_{name}",
+             "test": "\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+            for i, name in enumerate(TRICKS)]
+    (d / "HumanEval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_humaneval_tricks_score_zero_through_a_server(server, tmp_path):
+    Handler.seen.clear()
+    opts = EvalOptions(server=server, tasks="humaneval", data_dir=str(_humaneval_dir(tmp_path)), api_key="sekrit",
                        cache_dir=None, progress=False)
     doc = run_eval(opts)
-    res = doc["results"]["model"]
-    assert doc["models"]["model"]["name"] == "scripted-model" and doc["models"]["model"]["kind"] == "server"
-    assert res["hashhop"]["metrics"]["exact_match"] == 1.0          # reasoning split off, answer scored
-    assert all(r["answer"] == r["target"] for r in res["hashhop"]["samples"])
-    truth = [r["answer"] for r in res["mmlu"]["samples"]]
-    assert all(r["pred"] == "B" for r in res["mmlu"]["samples"])  # " B" is the likeliest continuation
-    assert res["mmlu"]["metrics"]["accuracy"] == pytest.approx(truth.count("B") / len(truth))
-    ppl = res["perplexity"]["samples"][0]
-    assert ppl["tokens"] > 0 and ppl["nll"] == pytest.approx(ppl["tokens"] * 1.0, rel=0.2)
-    assert res["bfcl"]["metrics"]["errors"] == {"missing_required": 3}  # server tool_calls are checked
-    chats = [b for p, b in Handler.bodies if p == "/v1/chat/completions"]
-    assert all(b["chat_template_kwargs"] == {"enable_thinking": False} and b["temperature"] == 0 for b in chats)
-    assert any(b.get("tools") for b in chats)
+    res = doc["roles"]["model"]["lm_eval"]
+    by_name = {r["doc"]["entry_point"].split("_", 1)[1]: r["pass@1"] for r in res["samples"]["humaneval"]}
+    assert by_name == {name: (1.0 if name == "correct" else 0.0) for name in TRICKS}
+    assert res["results"]["humaneval"]["pass@1,create_test"] == pytest.approx(1 / len(TRICKS))
+    assert Handler.seen and all(auth == "Bearer sekrit" for _, _, auth in Handler.seen)
+    assert "sekrit" not in json.dumps(doc["config"])
 
 
-def test_server_refusals(server, nemotron_dense):
-    with pytest.raises(MixqError, match="local model"):
+def test_mixq_tasks_and_refusals_through_a_server(server, nemotron_dense):
+    doc = run_eval(EvalOptions(server=server, tasks="bfcl", limit=3, cache_dir=None, progress=False))
+    assert doc["roles"]["model"]["lm_eval"]["results"]["bfcl"]["accuracy,none"] == 0.0
+    recs = doc["roles"]["model"]["lm_eval"]["samples"]["bfcl"]
+    assert len(recs) == 3 and {r["record"]["error_type"] for r in recs} <= {"unexpected_param", "missing_required"}
+    with pytest.raises(MixqError, match="local models"):
         run_eval(EvalOptions(server=server, reference=str(nemotron_dense), tasks="kl", cache_dir=None,
                              progress=False))
+    with pytest.raises(MixqError, match="tokenizer"):
+        run_eval(EvalOptions(server=server, tasks="mmlu", cache_dir=None, progress=False))
     with pytest.raises(MixqError, match="cannot reach"):
-        run_eval(EvalOptions(server="http://127.0.0.1:9", tasks="hashhop", cache_dir=None, progress=False))
-    with pytest.raises(MixqError, match="URL"):
-        run_eval(EvalOptions(server="localhost:8000", tasks="hashhop", cache_dir=None, progress=False))
+        run_eval(EvalOptions(server="http://127.0.0.1:9", tasks="bfcl", cache_dir=None, progress=False))

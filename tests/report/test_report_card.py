@@ -22,29 +22,28 @@ from test_report_plot import parse_png
 
 
 def eval_doc(model_dir) -> dict:
-    """A result document in `mixq eval --output`'s shape (roles, per-task metrics, summary)."""
-    def res(metrics, n=8):
-        return {"metrics": metrics, "n": n, "data": {"sample_data": False}, "samples": []}
-    return {
-        "config": {"tasks": ["hashhop", "kl"]},
-        "versions": {"mixq": "0.1.0", "mlx": "0.32.4", "mlx-lm": "0.32.2"},
-        "models": {"model": {"name": str(model_dir), "fingerprint": fingerprint(model_dir), "size_bytes": 93546},
-                   "baseline": {"name": "tiny-4bit", "fingerprint": "f" * 64, "size_bytes": 97311},
-                   "reference": {"name": "tiny-float", "fingerprint": "e" * 64, "size_bytes": 310932}},
-        "results": {
-            "model": {"hashhop": res({"exact_match": 0.75, "hop1": 1.0}), "kl": res({"kl_mean": 0.0123, "top1": 0.9})},
-            "baseline": {"hashhop": res({"exact_match": 0.625, "hop1": 1.0}), "kl": res({"kl_mean": 0.0211, "top1": 0.8})},
-            "reference": {"hashhop": res({"exact_match": 0.875, "hop1": 1.0})},
-        },
-        "summary": {
-            "capability": {"model": {"score": 75.0, "partial": True, "present": ["hashhop"],
-                                     "missing": ["mmlu", "gsm8k", "ifeval", "bfcl", "humaneval"]},
-                           "baseline": {"score": 62.5, "partial": True, "present": ["hashhop"], "missing": []},
-                           "reference": {"score": 87.5, "partial": True, "present": ["hashhop"], "missing": []}},
-            "verdicts": {"model": {"hashhop": {"verdict": "Fail", "change": -12.5, "rule": "points"},
-                                   "kl": {"verdict": "Pass", "change": 0.0123, "rule": "kl"}}},
-        },
+    """A comparison in `mixq eval --output DIR`'s shape (DIR/comparison.json: roles with lm-eval's layout)."""
+    def res(hashhop, kl=None, n=8):
+        out = {"results": {"hashhop": {"acc,none": hashhop, "acc_stderr,none": 0.1, "sample_len": n}}}
+        if kl is not None:
+            out["results"]["kl"] = {"kl_mean,none": kl, "kl_mean_stderr,none": 0.001, "sample_len": n}
+        return out
+
+    def role(name, fp, size, lm, score, missing=()):
+        return {"model": {"name": name, "fingerprint": fp, "size_bytes": size}, "lm_eval": lm,
+                "capability": {"score": score, "partial": True, "present": ["hashhop"], "missing": list(missing)},
+                "verdicts": {}}
+    doc = {
+        "tasks": ["hashhop", "kl"], "titles": {"hashhop": "HashHop", "kl": "KL vs reference"}, "sample_data": [],
+        "versions": {"mixq": "0.1.0", "mlx": "0.32.4", "mlx-lm": "0.32.2", "lm-eval": "0.4.13"},
+        "roles": {"reference": role("tiny-float", "e" * 64, 310932, res(0.875), 87.5),
+                  "baseline": role("tiny-4bit", "f" * 64, 97311, res(0.625, 0.0211), 62.5),
+                  "model": role(str(model_dir), fingerprint(model_dir), 93546, res(0.75, 0.0123), 75.0,
+                                ["mmlu", "gsm8k", "ifeval", "bfcl", "humaneval"])},
     }
+    doc["roles"]["model"]["verdicts"] = {"hashhop": {"verdict": "Fail", "change": 12.5, "rule": "points"},
+                                         "kl": {"verdict": "Pass", "change": 0.0123, "rule": "kl"}}
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +219,7 @@ def test_foreign_readme_needs_force(quant, tmp_path):
 def test_unreadable_and_stale_results_are_reported(quant, tmp_path):
     d = shutil.copytree(quant, tmp_path / "stale")
     doc = eval_doc(d)
-    doc["models"]["model"]["fingerprint"] = "0" * 64
+    doc["roles"]["model"]["model"]["fingerprint"] = "0" * 64
     (d / "mixq" / "eval.json").write_text(json.dumps(doc))
     (d / "mixq" / "eval-broken.json").write_text("{not json")
     (d / "mixq" / "eval-other.json").write_text(json.dumps({"hello": 1}))
@@ -258,12 +257,15 @@ def test_normalize_eval_shapes():
 def test_card_reads_a_real_mixq_eval_result(quant, tmp_path):
     from mixq.eval import runner
     d = shutil.copytree(quant, tmp_path / "real")
-    doc = runner.run_eval(runner.EvalOptions(model=str(d), tasks="hashhop", limit=2, progress=False, cache_dir=None))
-    (d / "mixq" / "eval.json").write_text(json.dumps(doc))
+    from mixq.eval import results
+
+    doc = runner.run_eval(runner.EvalOptions(model=str(d), tasks="hashhop", limit=2, progress=False, cache_dir=None,
+                                             hashhop_sizes="256", output=str(d / "mixq" / "eval")))
     make_card(d)
     text = (d / "README.md").read_text()
     assert _rows(text, "HashHop") and "Not measured: no eval results" not in text
-    score = doc["summary"]["capability"]["model"]["score"]
+    score = doc["roles"]["model"]["capability"]["score"]
+    assert results.dumps(results.public(doc))
     assert _rows(text, "**this model (mixq)**")[0][7] == f"{score:.4g}"
 
 

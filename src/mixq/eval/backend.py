@@ -1,12 +1,12 @@
-"""The local backend: one loaded model answering the three questions tasks ask: generate (greedy) from a
-chat or a plain prompt, log-likelihood of continuations, and raw logits over token windows.
+"""The local backend: one loaded model answering what tasks ask: generate (greedy) from a chat, a plain
+prompt or token ids, and raw logits over token windows (lm-eval's scoring, mixq.eval.lmeval.model, and KL).
 
 Greedy and deterministic. Generation is batched where that cannot change a result: mlx-lm's batch
 generator left-pads prompts, which attention layers mask but Mamba / conv state does not (measured: the
 fixture hybrids' log-probs move by ~0.07 under padding), so models with any non-attention cache batch
 only prompts of equal length; pure-attention models batch everything. With a kv config (mixq.kvcache)
-each sequence runs alone through its own mixed-precision cache. Log-likelihood and logits batches are
-right-padded, which a causal model never sees.
+each sequence runs alone through its own mixed-precision cache. Logits batches are right-padded, which
+a causal model never sees.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ LOGITS_BYTES = 1 << 30  # float32 logits per forward batch: tokens x vocab x 4 s
 @dataclass
 class GenRequest:
     messages: list[dict] | None = None   # rendered with the chat template (plain transcript without one)
-    prompt: str | None = None            # raw text, no template
+    prompt: str | None = None            # raw text, no template (BOS added)
+    ids: list[int] | None = None         # token ids as they are (lm-eval's prompts: already encoded)
     tools: list[dict] | None = None      # OpenAI-style tools, given to the chat template
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
@@ -109,6 +110,9 @@ class LocalBackend:
 
     def render(self, req: GenRequest) -> tuple[str, list[int], bool]:
         """(prompt text, token ids, whether the prompt opened a reasoning block)."""
+        if req.ids is not None:
+            text = self.tok.decode(req.ids)
+            return text, list(req.ids), thinking_opened(text)
         if req.prompt is not None:
             return req.prompt, self.bos() + self.encode(req.prompt), False
         if not self.chat:
@@ -169,47 +173,6 @@ class LocalBackend:
             group.append(i)
         if group:
             yield group
-
-    def continuation_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        ctx = self.bos() + self.encode(context)
-        whole = self.bos() + self.encode(context + continuation)
-        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-            return ctx, whole[len(ctx):]
-        cont = self.encode(continuation)
-        if not cont:
-            raise MixqError(f"empty continuation after {context[-40:]!r}")
-        return ctx, cont
-
-    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[float]:
-        """Sum of log P(continuation | context) for each pair, in nats."""
-        import mlx.core as mx
-
-        from mixq.core.metrics import log_probs
-
-        out: list[float | None] = [None] * len(pairs)
-        split = [self.continuation_ids(c, k) for c, k in pairs]
-        # contexts whose continuations are all one token: one forward of the context answers them all
-        by_ctx: dict[tuple, list[int]] = {}
-        for i, (ctx, cont) in enumerate(split):
-            by_ctx.setdefault(tuple(ctx), []).append(i)
-        singles = [(ctx, idx) for ctx, idx in by_ctx.items() if all(len(split[i][1]) == 1 for i in idx)]
-        rows = [list(ctx) for ctx, _ in singles]
-        for group in self.batches(rows):
-            lg = self.logits([rows[g] for g in group])
-            for b, g in enumerate(group):
-                last = log_probs(lg[b, len(rows[g]) - 1])
-                for i in singles[g][1]:
-                    out[i] = float(last[split[i][1][0]].item())
-        rest = [i for i in range(len(pairs)) if out[i] is None]
-        full = [split[i][0] + split[i][1][:-1] for i in rest]
-        for group in self.batches(full):
-            lg = self.logits([full[g] for g in group])
-            for b, g in enumerate(group):
-                ctx, cont = split[rest[g]]
-                lp = log_probs(lg[b, len(ctx) - 1: len(ctx) - 1 + len(cont)])
-                picked = mx.take_along_axis(lp, mx.array(cont)[:, None], axis=-1)
-                out[rest[g]] = float(picked.sum().item())
-        return [float(v) for v in out]
 
     # ------------------------------------------------------------------------------------------ generate
     def _pure_attention(self) -> bool:

@@ -1,12 +1,14 @@
-"""The task registry: every module under `mixq.eval.tasks` that defines a `Task` subclass with
-`@register` is a task, known by its `name` (the module name, lm-eval style).
+"""mixq's own tasks, for what lm-eval has no task for (BFCL's AST checker with tools in the chat template,
+KL against the float reference): every module under `mixq.eval.tasks` that defines a `Task` subclass with
+`@register`, known by its `name`. Everything else `mixq eval` runs is an lm-eval task (mixq.eval.lmeval).
 
-A task is four small steps, so the runner can cache and resume per sample and run any task on any backend:
+A task is five small steps, so the runner can cache and resume per sample:
 
 * `settings(opts)`: every option that changes a sample's result (part of the result-cache key);
 * `load(opts, limit)`: the samples (dicts with a unique "id"), deterministic for the options;
 * `process(samples, ctx)`: one record (a JSON-serialisable dict with the sample's "id") per sample;
-* `aggregate(records)`: the task's metrics; `metric` names the headline one.
+* `aggregate(records)`: the task's metrics; `metric` names the headline one;
+* `per_sample(record)`: the record's value of each metric, for standard errors and paired comparisons.
 
 Tasks import nothing from mlx at module level, so listing tasks is cheap.
 """
@@ -18,9 +20,6 @@ import pkgutil
 from typing import Any
 
 from mixq.core.errors import MixqError
-
-# The Capability Score is the unweighted mean of these six headline scores (each in percent).
-CAPABILITY = ("mmlu", "gsm8k", "ifeval", "bfcl", "humaneval", "hashhop")
 
 _TASKS: dict[str, type["Task"]] = {}
 _LOADED = False
@@ -38,6 +37,7 @@ class Task:
     needs_logits: bool = False     # needs full next-token distributions: local models only
     default_limit: int | None = None
     batch_size: int = 8            # samples per process() call (a resume point after each)
+    version: str = "1"
 
     def settings(self, opts) -> dict:
         return {}
@@ -49,6 +49,9 @@ class Task:
         raise NotImplementedError
 
     def aggregate(self, records: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def per_sample(self, record: dict) -> dict:
         raise NotImplementedError
 
 
@@ -98,19 +101,5 @@ def names() -> list[str]:
 def get(name: str) -> Task:
     _discover()
     if name not in _TASKS:
-        raise MixqError(f"unknown task {name!r}; choose from capability, {', '.join(names())}")
+        raise MixqError(f"unknown task {name!r}")
     return _TASKS[name]()
-
-
-def resolve(spec: str | list[str]) -> list[Task]:
-    """"capability" (the six), "all", or a comma-separated list (which may include "capability")."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        expanded = list(CAPABILITY) if item == "capability" else names() if item == "all" else [item]
-        out += [x for x in expanded if x not in out]
-    if not out:
-        raise MixqError("no tasks given")
-    return [get(n) for n in out]

@@ -5,10 +5,9 @@ of a local model (`mixq eval NAME --server URL`).
   {"enable_thinking": false}` with --no-think); the reply's `reasoning_content` (or `reasoning`) and
   `tool_calls` are used when the server splits them, otherwise reasoning is stripped from the content
   as for a local model. Plain prompts go to POST /v1/completions.
-* log-likelihood and perplexity: POST /v1/completions with `echo: true, logprobs: 0` - the legacy
-  format lm-evaluation-harness reads - summing the prompt tokens' log-probabilities from the first token
-  that reaches into the continuation (by `text_offset`).
-* `kl` is refused: it needs the full next-token distributions of both models.
+* lm-eval's tasks reach servers through lm-eval's own API models (mixq.eval.lmeval.server); this backend
+  serves mixq's own generation tasks (bfcl). `kl` is refused: it needs full next-token distributions.
+* `--api-key` is sent as a bearer token with every request.
 
 Requests run a few at a time (the server batches them). The result cache is keyed by URL and model name:
 a server whose model changes under the same name must be run with --no-cache.
@@ -28,19 +27,21 @@ from mixq.eval.textproc import split_reasoning
 
 CONCURRENCY = 4
 TIMEOUT = 600.0
-PIECE_CHARS = 1024
 
 
 class ServerBackend:
     kind = "server"
 
     def __init__(self, url: str, *, model: str | None = None, no_think: bool = False, chat: bool = True,
-                 timeout: float = TIMEOUT):
+                 timeout: float = TIMEOUT, api_key: str | None = None):
         if not url.startswith(("http://", "https://")):
             raise MixqError(f"--server {url}: expected an http:// or https:// URL")
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
         self.no_think, self.chat, self.timeout = no_think, chat, timeout
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         if model is None:
             data = self._get("/models").get("data") or []
             if not data or "id" not in data[0]:
@@ -52,7 +53,7 @@ class ServerBackend:
     def _request(self, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method="GET" if body is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=self.headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 return json.loads(r.read().decode("utf-8"))
@@ -124,68 +125,6 @@ class ServerBackend:
         reasoning, answer = split_reasoning(text)
         return GenResult(text=text, reasoning=reasoning, answer=answer, tokens=0,
                          finish="length" if choice.get("finish_reason") == "length" else "stop")
-
-    # ------------------------------------------------------------------------------------------ scoring
-    def _echo(self, text: str) -> dict:
-        body = {"model": self.model, "prompt": text, "max_tokens": 1, "echo": True, "logprobs": 0,
-                "temperature": 0}
-        lp = ((self._post("/completions", body).get("choices") or [{}])[0]).get("logprobs")
-        if not lp or "token_logprobs" not in lp or "text_offset" not in lp:
-            raise MixqError(f"{self.base}/completions: no echoed prompt log-probabilities "
-                            "(the server needs echo + logprobs support)")
-        return lp
-
-    def _score(self, context: str, continuation: str) -> float:
-        full = context + continuation
-        lp = self._echo(full)
-        toks, offs, vals = lp.get("tokens") or [], lp["text_offset"], lp["token_logprobs"]
-        total, n = 0.0, 0
-        for i, (off, v) in enumerate(zip(offs, vals)):
-            end = off + len(toks[i]) if i < len(toks) else off + 1
-            if off >= len(full):  # the generated token after the echo
-                break
-            if end > len(context) and v is not None:
-                total += float(v)
-                n += 1
-        if n == 0:
-            raise MixqError(f"the server returned no log-probability for continuation {continuation!r}")
-        return total
-
-    def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[float]:
-        return self._map(lambda p: self._score(*p), pairs)
-
-    def rolling_nll(self, text: str) -> dict:
-        """Summed NLL of the text's tokens. The server's context is unknown, so the text is scored in
-        independent pieces of at most PIECE_CHARS characters (cut at line ends); each piece's first token
-        has no log-probability. Not comparable with a local model's rolling windows."""
-        nll, n = 0.0, 0
-        for piece in self._map(self._echo_piece, _pieces(text, PIECE_CHARS)):
-            nll += piece[0]
-            n += piece[1]
-        return {"nll": nll, "tokens": n}
-
-    def _echo_piece(self, piece: str) -> tuple[float, int]:
-        lp = self._echo(piece)
-        vals = [float(v) for off, v in zip(lp["text_offset"], lp["token_logprobs"]) if v is not None and off < len(piece)]
-        return -sum(vals), len(vals)
-
-
-def _pieces(text: str, limit: int) -> list[str]:
-    out, cur = [], ""
-    for line in text.splitlines(keepends=True):
-        while len(line) > limit:  # one very long line: cut it
-            if cur:
-                out.append(cur)
-                cur = ""
-            out.append(line[:limit])
-            line = line[limit:]
-        if len(cur) + len(line) > limit and cur:
-            out.append(cur)
-            cur = ""
-        cur += line
-    if cur.strip():
-        out.append(cur)
-    return [p for p in out if p.strip()]
 
 
 def _tool_calls(raw) -> list[dict] | None:

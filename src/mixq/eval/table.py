@@ -1,180 +1,230 @@
-"""The comparison: Capability Score, degradation verdicts with their thresholds, and the markdown table.
+"""The comparison: Capability Score, degradation verdicts against the float reference, the markdown table.
 
-Verdicts judge a quant against the float reference (`--reference`), per task:
+A verdict judges a quant's headline against the reference's on the same items:
 
-* accuracy-type scores (percent): the drop in percentage points, Pass <= 1.0, Warn <= 3.0, else Fail;
-* perplexity (lower is better): the relative increase, Pass <= +3 %, Warn <= +10 %, else Fail;
-* KL(reference || quant), mean over held-out tokens: Pass <= 0.05 nats, Warn <= 0.15, else Fail.
+* accuracy-type scores (percent): the drop in points, Pass below 2.0, Warn up to 5.0, else Fail;
+* perplexity (lower is better): the relative increase, Pass up to +10 %, Warn up to +25 %, else Fail;
+* KL(reference || quant), mean over held-out tokens: Pass up to 0.05 nats, Warn up to 0.15, else Fail.
 
-The Capability Score is the unweighted mean (in percent) of the six headline scores in
-`registry.CAPABILITY`; a run missing any of them is marked partial and says which are missing. On small
-samples (`--limit`, the shipped sample data) a verdict is only as good as the sample: the table gives n.
+These reproduce the model cards mixq imitates (WikiText-2 +7.0 % Pass, JCommonsenseQA -4.2 pt Warn) and
+are configurable (`--thresholds points=2:5,relative=0.10:0.25,kl=0.05:0.15`). Every change carries its
+standard error (paired over the items both models answered; else the two standard errors combined), and a
+Warn or Fail is given only when the change exceeds two standard errors; otherwise the verdict is
+"within noise (n = ...)". The Capability Score is the unweighted mean (in percent) of the six headline
+scores in `scores.CAPABILITY`, its standard error that of a mean of independent tasks.
 """
 
 from __future__ import annotations
 
-from mixq.eval.registry import CAPABILITY
+import math
+
+from mixq.core.errors import MixqError
+from mixq.eval import scores
 
 THRESHOLDS = {
-    "points": {"pass": 1.0, "warn": 3.0, "unit": "percentage points dropped vs reference"},
-    "relative": {"pass": 0.03, "warn": 0.10, "unit": "relative increase vs reference"},
+    "points": {"pass": 2.0, "warn": 5.0, "unit": "percentage points dropped vs reference"},
+    "relative": {"pass": 0.10, "warn": 0.25, "unit": "relative increase vs reference"},
     "kl": {"pass": 0.05, "warn": 0.15, "unit": "mean KL(reference || quant), nats/token"},
 }
+NOISE_SE = 2.0
 
 
-def _grade(x: float, rule: str) -> str:
-    t = THRESHOLDS[rule]
-    return "Pass" if x <= t["pass"] else "Warn" if x <= t["warn"] else "Fail"
-
-
-def headline(res: dict | None, task) -> float | None:
-    if not res or task.metric not in res.get("metrics", {}):
-        return None
-    v = res["metrics"][task.metric]
-    return None if v is None else float(v) * (100.0 if task.percent else 1.0)
-
-
-def capability(results: dict, tasks_by_name: dict) -> dict:
-    present = {n: headline(results.get(n), tasks_by_name[n]) for n in CAPABILITY if n in tasks_by_name}
-    present = {n: v for n, v in present.items() if v is not None}
-    missing = [n for n in CAPABILITY if n not in present]
-    score = sum(present.values()) / len(present) if present else None
-    return {"score": score, "partial": bool(missing), "present": sorted(present), "missing": missing}
-
-
-def verdict(task, value: float | None, ref_value: float | None) -> dict | None:
-    """{"verdict", "change", "rule"} for one quant's headline value, or None when it cannot be judged."""
-    if value is None:
-        return None
-    if task.verdict == "kl":
-        return {"verdict": _grade(value, "kl"), "change": value, "rule": "kl"}
-    if ref_value is None:
-        return None
-    if task.verdict == "relative":
-        if ref_value <= 0:
-            return None
-        change = value / ref_value - 1.0 if not task.higher_is_better else 1.0 - value / ref_value
-        return {"verdict": _grade(change, "relative"), "change": change, "rule": "relative"}
-    drop = (ref_value - value) if task.higher_is_better else (value - ref_value)
-    return {"verdict": _grade(drop, "points"), "change": -drop, "rule": "points"}
-
-
-def summarize(doc: dict, tasks) -> dict:
-    by_name = {t.name: t for t in tasks}
-    results = doc["results"]
-    out: dict = {"capability": {}, "verdicts": {}, "thresholds": THRESHOLDS,
-                 "size_bytes": {r: m.get("size_bytes") for r, m in doc["models"].items()}}
-    for role, res in results.items():
-        out["capability"][role] = capability(res, by_name)
-    ref = results.get("reference")
-    for role in ("baseline", "model"):
-        if role not in results:
-            continue
-        vs = {}
-        for t in tasks:
-            v = verdict(t, headline(results[role].get(t.name), t), headline(ref.get(t.name), t) if ref else None)
-            if v:
-                vs[t.name] = v
-        cap, ref_cap = out["capability"][role], out["capability"].get("reference")
-        if cap["score"] is not None and ref_cap and ref_cap["score"] is not None \
-                and cap["present"] == ref_cap["present"]:
-            drop = ref_cap["score"] - cap["score"]
-            vs["capability"] = {"verdict": _grade(drop, "points"), "change": -drop, "rule": "points"}
-        out["verdicts"][role] = vs
+def parse_thresholds(spec: str | None) -> dict:
+    """"points=2:5,relative=0.1:0.25" -> THRESHOLDS with those replaced."""
+    out = {k: dict(v) for k, v in THRESHOLDS.items()}
+    for part in (p.strip() for p in (spec or "").split(",") if p.strip()):
+        rule, _, vals = part.partition("=")
+        try:
+            p, w = (float(x.rstrip("%")) / (100 if x.endswith("%") else 1) for x in vals.split(":"))
+        except ValueError:
+            raise MixqError(f"--thresholds {part!r}: expected RULE=PASS:WARN (rules: {', '.join(THRESHOLDS)})") from None
+        if rule not in out or not 0 <= p <= w:
+            raise MixqError(f"--thresholds {part!r}: expected RULE=PASS:WARN with 0 <= PASS <= WARN "
+                            f"(rules: {', '.join(THRESHOLDS)})")
+        out[rule]["pass"], out[rule]["warn"] = p, w
     return out
+
+
+def grade(change: float, se: float | None, n: int | None, rule: str, thresholds: dict | None = None) -> dict:
+    """A verdict for a degradation `change` (points dropped, relative increase or KL; larger is worse)."""
+    t = (thresholds or THRESHOLDS)[rule]
+    out = {"change": change, "stderr": se, "n": n, "rule": rule}
+    if change <= t["pass"]:
+        return out | {"verdict": "Pass"}
+    if se is None or change <= NOISE_SE * se:
+        return out | {"verdict": "within noise", "wanted": "Warn" if change <= t["warn"] else "Fail"}
+    return out | {"verdict": "Warn" if change <= t["warn"] else "Fail"}
+
+
+def _degradation(h: scores.Headline, v: float, ref: float | None) -> float | None:
+    """Larger is worse, in the rule's unit."""
+    if h.rule == "kl":
+        return v
+    if ref is None:
+        return None
+    if h.rule == "relative":
+        if ref <= 0:
+            return None
+        return v / ref - 1.0 if not h.higher_is_better else 1.0 - v / ref
+    scale = 100.0 if h.percent else 1.0
+    return scale * ((ref - v) if h.higher_is_better else (v - ref))
+
+
+def verdict(task: str, res: dict, ref: dict | None, thresholds: dict | None = None) -> dict | None:
+    h = scores.headline(task, res)
+    v = scores.value(res, task)
+    if v is None or (h.rule != "kl" and (ref is None or scores.value(ref, task) is None)):
+        return None
+    r = None if h.rule == "kl" else scores.value(ref, task)
+    change = _degradation(h, v, r)
+    if change is None:
+        return None
+    if h.rule == "kl":
+        se, n = scores.stderr(res, task), scores.count(res, task)
+    else:
+        se, n = scores.paired_change_se(scores.samples(res, task, h.key), scores.samples(ref, task, h.key), h)
+        if se is None:  # nothing to pair: the two standard errors combined
+            sa, sb = scores.stderr(res, task), scores.stderr(ref, task)
+            scale = (100.0 if h.percent else 1.0) if h.rule == "points" else (1.0 / r if r else 0.0)
+            se = math.hypot(sa, sb) * scale if sa is not None and sb is not None else None
+            n = scores.count(res, task)
+    return grade(change, se, n, h.rule, thresholds)
+
+
+def capability(res: dict, tasks: list[str]) -> dict:
+    present = {t: scores.value(res, t) for t in scores.CAPABILITY if t in tasks}
+    present = {t: 100.0 * v for t, v in present.items() if v is not None}
+    missing = [t for t in scores.CAPABILITY if t not in present]
+    ses = [scores.stderr(res, t) for t in present]
+    se = math.sqrt(sum(s * s for s in ses)) * 100.0 / len(present) if present and None not in ses else None
+    return {"score": sum(present.values()) / len(present) if present else None, "stderr": se,
+            "partial": bool(missing), "present": sorted(present), "missing": missing}
+
+
+def capability_verdict(doc_roles: dict, role: str, tasks: list[str], thresholds: dict | None) -> dict | None:
+    cap, ref = doc_roles[role]["capability"], doc_roles.get("reference", {}).get("capability")
+    if not ref or cap["score"] is None or ref["score"] is None or cap["present"] != ref["present"]:
+        return None
+    vs = [doc_roles[role]["verdicts"].get(t) for t in cap["present"]]
+    se = math.sqrt(sum(v["stderr"] ** 2 for v in vs)) / len(vs) if all(v and v["stderr"] is not None
+                                                                    for v in vs) else None
+    return grade(ref["score"] - cap["score"], se, None, "points", thresholds)
+
+
+def summarize(doc: dict, thresholds: dict | None = None) -> None:
+    """Fill each role's capability and verdicts (vs the reference) into doc["roles"]."""
+    roles, tasks = doc["roles"], doc["tasks"]
+    ref = roles.get("reference", {}).get("lm_eval")
+    for role, r in roles.items():
+        r["capability"] = capability(r["lm_eval"], tasks)
+        r["verdicts"] = {}
+        if role == "reference":
+            continue
+        for t in tasks:
+            v = verdict(t, r["lm_eval"], ref, thresholds)
+            if v:
+                r["verdicts"][t] = v
+    for role in roles:
+        if role != "reference":
+            v = capability_verdict(roles, role, tasks, thresholds)
+            if v:
+                roles[role]["verdicts"]["capability"] = v
 
 
 # ------------------------------------------------------------------------------------------------ table
 
-def _fmt(v: float | None, percent: bool, lower_is_better: bool = False) -> str:
+def _fmt(v: float | None, percent: bool) -> str:
     if v is None:
         return "—"
     if percent:
-        return f"{v:.1f}"
+        return f"{100 * v:.1f}"
     a = abs(v)
     return f"{v:.4f}" if a < 1 else f"{v:.3f}" if a < 100 else f"{v:.1f}"
 
 
-def _delta(a: float | None, b: float | None, percent: bool) -> str:
-    if a is None or b is None:
+def _cell(v: float | None, se: float | None, percent: bool) -> str:
+    if v is None:
         return "—"
-    d = a - b
-    return ("+" if d >= 0 else "") + (f"{d:.1f}" if percent else f"{d:.4g}")
+    return _fmt(v, percent) + ("" if se is None else f" ± {_fmt(se, percent)}")
 
 
 def _verdict_cell(v: dict | None) -> str:
     if not v:
         return "—"
     c = v["change"]
-    detail = f"{c:+.1f} pt" if v["rule"] == "points" else f"{100 * c:+.1f}%" if v["rule"] == "relative" \
+    detail = f"{-c:+.1f} pt" if v["rule"] == "points" else f"{100 * c:+.1f} %" if v["rule"] == "relative" \
         else f"KL {c:.3g}"
+    if v["verdict"] == "within noise":
+        n = f"n = {v['n']}" if v.get("n") else "no stderr"
+        return f"within noise ({detail}, {n})"
     return f"{v['verdict']} ({detail})"
 
 
-def markdown(doc: dict, tasks) -> str:
-    results, summary = doc["results"], doc.get("summary") or summarize(doc, tasks)
-    roles = [r for r in ("reference", "baseline", "model") if r in results]
-    judged = [r for r in ("baseline", "model") if r in results and "reference" in results]
-    has_kl_verdict = any(t.verdict == "kl" for t in tasks)
-    judged = judged or ([r for r in ("baseline", "model") if r in results] if has_kl_verdict else [])
-    both = "baseline" in results and "model" in results
-    head = ["benchmark", "metric", "n"] + roles + (["Δ model − baseline"] if both else []) \
-        + [f"verdict: {r}" for r in judged]
+def _rows(doc: dict, task: str, roles: list[str], judged: list[str]) -> list[list[str]]:
+    res = {r: doc["roles"][r]["lm_eval"] for r in roles}
+    some = next(iter(res.values()))
+    h = scores.headline(task, some)
+    arrow = "↑" if h.higher_is_better else "↓"
+    title = doc.get("titles", {}).get(task, task) + (" †" if task in doc.get("sample_data", []) else "")
+    n = scores.count(some, task)
+    cells = [title, f"{h.label} {arrow}", str(n or "—")]
+    cells += [_cell(scores.value(res[r], task), scores.stderr(res[r], task), h.percent) for r in roles]
+    rows = [cells + [_verdict_cell(doc["roles"][r]["verdicts"].get(task)) for r in judged]]
+    for key, label, percent in scores.EXTRAS.get(task, ()):
+        vals = [scores.value(res[r], task, key) for r in roles]
+        if any(v is not None for v in vals):
+            rows.append(["", label, ""] + [_fmt(v, percent) for v in vals] + [""] * len(judged))
+    if task == "hashhop":
+        for sub in (some.get("group_subtasks") or {}).get("hashhop", []):
+            vals = [scores.value(res[r], sub, "acc,none") for r in roles]
+            alias = ((some.get("results") or {}).get(sub) or {}).get("alias", sub)
+            rows.append(["", f"{alias} %", str(scores.count(some, sub) or "")]
+                        + [_cell(v, scores.stderr(res[r], sub), True) for v, r in zip(vals, roles)]
+                        + [""] * len(judged))
+    return rows
+
+
+def markdown(doc: dict) -> str:
+    roles = [r for r in ("reference", "baseline", "model") if r in doc["roles"]]
+    judged = [r for r in ("baseline", "model") if r in roles and any(doc["roles"][r]["verdicts"].values())]
+    head = ["benchmark", "metric", "n"] + roles + [f"verdict: {r}" for r in judged]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    sample_data = False
-
-    def row(label, metric, n, values, percent, verdicts):
-        cells = [label, metric, n] + [_fmt(values.get(r), percent) for r in roles]
-        if both:
-            cells.append(_delta(values.get("model"), values.get("baseline"), percent))
-        cells += [_verdict_cell(verdicts.get(r)) for r in judged]
-        lines.append("| " + " | ".join(cells) + " |")
-
-    for t in tasks:
-        ran = {r: results[r][t.name] for r in roles if t.name in results[r]}
-        if not ran:
-            continue
-        any_res = next(iter(ran.values()))
-        mark = ""
-        if any_res["data"].get("sample_data"):
-            mark, sample_data = " †", True
-        arrow = "↑" if t.higher_is_better else "↓"
-        values = {r: headline(ran.get(r), t) for r in roles}
-        verdicts = {r: summary["verdicts"].get(r, {}).get(t.name) for r in judged}
-        row(f"{t.title or t.name}{mark}", f"{t.metric_label} {arrow}", str(any_res["n"]), values, t.percent, verdicts)
-        for key, label, percent, higher in getattr(t, "extra", ()):
-            vals = {r: (ran[r]["metrics"].get(key) if r in ran else None) for r in roles}
-            vals = {r: (None if v is None else float(v) * (100 if percent else 1)) for r, v in vals.items()}
-            if all(v is None for v in vals.values()):
-                continue
-            row("", f"{label} {'↑' if higher else '↓'}", "", vals, percent, {})
-    caps = summary["capability"]
-    cap_vals = {r: caps[r]["score"] for r in roles if r in caps}
-    if any(v is not None for v in cap_vals.values()):
-        some = next(c for c in caps.values() if c["score"] is not None)
-        label = "**Capability Score**" + (f" (partial: {len(some['present'])}/{len(CAPABILITY)})"
+    for t in doc["tasks"]:
+        if any(scores.value(doc["roles"][r]["lm_eval"], t) is not None for r in roles):
+            lines += ["| " + " | ".join(c) + " |" for c in _rows(doc, t, roles, judged)]
+    caps = {r: doc["roles"][r]["capability"] for r in roles}
+    some = next((c for c in caps.values() if c["score"] is not None), None)
+    if some and not (doc.get("capability") or not some["partial"]):
+        some = None  # a few of the six among other tasks: no score to speak of
+    if some:
+        label = "**Capability Score**" + (f" (partial: {len(some['present'])}/{len(scores.CAPABILITY)})"
                                           if some["partial"] else "")
-        row(label, "mean of " + ", ".join(some["present"]), "", cap_vals, True,
-            {r: summary["verdicts"].get(r, {}).get("capability") for r in judged})
-    sizes = {r: (doc["models"][r].get("size_bytes") or None) for r in roles}
-    if any(sizes.values()):
-        mb = {r: (s / 1e6 if s else None) for r, s in sizes.items()}
-        cells = ["size on disk", "MB", ""] + [("—" if mb[r] is None else f"{mb[r]:.2f}") for r in roles]
-        if both:
-            cells.append(_delta(mb.get("model"), mb.get("baseline"), False))
-        cells += [""] * len(judged)
+        cells = [label, "mean of " + ", ".join(some["present"]), ""]
+        cells += [_cell(None if caps[r]["score"] is None else caps[r]["score"] / 100,
+                        None if caps[r]["stderr"] is None else caps[r]["stderr"] / 100, True) for r in roles]
+        cells += [_verdict_cell(doc["roles"][r]["verdicts"].get("capability")) for r in judged]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = []
+    sizes = [doc["roles"][r]["model"].get("size_bytes") for r in roles]
+    if any(sizes):
+        lines.append("| " + " | ".join(["size on disk", "MB", ""] + [f"{s / 1e6:.2f}" if s else "—" for s in sizes]
+                                       + [""] * len(judged)) + " |")
+    return "\n".join(lines + _notes(doc, judged, some))
+
+
+def _notes(doc: dict, judged: list[str], cap: dict | None) -> list[str]:
+    t = doc.get("thresholds") or THRESHOLDS
+    notes = ["Values ± standard error; n = items per model (lm-eval's limit applies per subtask)."]
     if judged:
-        notes.append("Verdicts vs the reference: accuracy drop Pass ≤ {p} pt, Warn ≤ {w} pt; perplexity increase "
-                     "Pass ≤ +{rp:.0f}%, Warn ≤ +{rw:.0f}%; mean KL Pass ≤ {kp} nats, Warn ≤ {kw}; else Fail."
-                     .format(p=THRESHOLDS["points"]["pass"], w=THRESHOLDS["points"]["warn"],
-                             rp=100 * THRESHOLDS["relative"]["pass"], rw=100 * THRESHOLDS["relative"]["warn"],
-                             kp=THRESHOLDS["kl"]["pass"], kw=THRESHOLDS["kl"]["warn"]))
-    missing = [c["missing"] for c in caps.values() if c["score"] is not None and c["partial"]]
-    if missing:
-        notes.append("Capability Score is partial: missing " + ", ".join(missing[0]) + ".")
-    if sample_data:
-        notes.append("† mixq's shipped sample data (a format check, not the benchmark): pass --data-dir "
-                     "with the official files for real scores.")
-    return "\n".join(lines + ([""] + notes if notes else []))
+        notes.append(
+            "Verdicts vs the reference: accuracy drop Pass ≤ {p} pt, Warn ≤ {w} pt; perplexity increase Pass ≤ "
+            "+{rp:g} %, Warn ≤ +{rw:g} %; mean KL Pass ≤ {kp} nats, Warn ≤ {kw}; else Fail. A Warn or Fail needs "
+            "a change beyond two standard errors, else \"within noise\".".format(
+                p=t["points"]["pass"], w=t["points"]["warn"], rp=100 * t["relative"]["pass"],
+                rw=100 * t["relative"]["warn"], kp=t["kl"]["pass"], kw=t["kl"]["warn"]))
+    if cap and cap["partial"]:
+        notes.append("Capability Score is partial: missing " + ", ".join(cap["missing"]) + ".")
+    if doc.get("sample_data"):
+        notes.append("† mixq's shipped sample data (a format check, not the benchmark): pass --data-dir with the "
+                     "official files for real scores.")
+    notes += doc.get("notes", [])
+    return [""] + notes

@@ -1,4 +1,4 @@
-"""Text handling shared by the scorers: removing reasoning, pulling numbers, code and tool calls out of
+"""Text handling shared by the scorers: removing reasoning, pulling code and tool calls out of
 model output. Pure Python, no mlx: every function is tested on hand-made strings.
 
 Reasoning is always removed before anything is scored: a number or a hash mentioned while thinking is
@@ -35,45 +35,17 @@ def split_reasoning(text: str, opened: bool = False) -> tuple[str, str]:
     return reasoning.strip(), answer.strip()
 
 
-def strip_reasoning(text: str, opened: bool = False) -> str:
-    return split_reasoning(text, opened)[1]
-
-
-# ------------------------------------------------------------------------------------------------ numbers
-
-_NUM = r"-?[$0-9.,]{2,}|-?[0-9]+"
-
-
-def normalize_number(s: str | None) -> str | None:
-    """"$1,234.50" -> "1234.5"; "72." -> "72"; None or no digits -> None."""
-    if s is None:
-        return None
-    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
-    if not re.search(r"[0-9]", s):
-        return None
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    if v == int(v) and abs(v) < 1e15:
-        return str(int(v))
-    return repr(v)
-
-
-def strict_answer(text: str) -> str | None:
-    """GSM8K's own format: the number after the first `#### `."""
-    m = re.search(r"#### (\-?[0-9\.\,\$]+)", text)
-    return normalize_number(m.group(1)) if m else None
-
-
-def flexible_answer(text: str) -> str | None:
-    """The last number anywhere in the text (lm-eval's flexible-extract)."""
-    found = [m.group(0) for m in re.finditer(_NUM, text)]
-    for cand in reversed(found):
-        n = normalize_number(cand)
-        if n is not None:
-            return n
-    return None
+def answer_text(text: str, opened: bool = False) -> str:
+    """The generated text with a leading reasoning block removed and nothing else touched (a completion's
+    indentation matters); "" when the block never closed."""
+    if not opened:
+        stripped = text.lstrip()
+        if not stripped.startswith(THINK_OPEN):
+            return text
+        text = stripped[len(THINK_OPEN):]
+    if THINK_CLOSE not in text:
+        return ""
+    return text.split(THINK_CLOSE, 1)[1].lstrip("\n")
 
 
 # --------------------------------------------------------------------------------------------------- code

@@ -1,13 +1,13 @@
 """The result files a model card is made from, read as they are, with a list of what is missing.
 
 What: `gather(model_dir)` reads config.json, convert's mixq/plan.json and mixq/report.json, bench's
-mixq/bench.json, eval results (mixq/eval*.json and any extra files given) and kv_config.json. Nothing is
+mixq/bench.json, eval results (mixq/eval*.json, mixq/eval*/comparison.json, any extra files given) and kv_config.json. Nothing is
 computed here beyond picking numbers out of those documents; an absent or unreadable file becomes a line
 in `missing` / `problems` that the card prints instead of a number.
 
-Eval results: `mixq eval --output` documents (roles model / baseline / reference, per-task metrics and a
-summary) are read through mixq.eval's own registry and table code, so each headline value is the one its
-table shows (accuracies in percent). Simpler hand-written shapes are accepted too (task -> number or
+Eval results: `mixq eval --output DIR` comparisons (DIR/comparison.json: roles model / baseline / reference,
+each with lm-eval's result layout, Capability Score and verdicts) are read through mixq.eval.scores, so
+each headline value is the one its table shows (accuracies in percent). Simpler hand-written shapes are accepted too (task -> number or
 {score|accuracy|...}, as a dict or a list of {task, score}; `capability_score`; a `baseline` block or
 per-task `baseline` numbers). Anything else is reported as unrecognised rather than guessed at.
 A result measured on other files than the directory holds now (another fingerprint) is kept but noted.
@@ -72,26 +72,20 @@ def _score(v: Any) -> float | None:
     return None
 
 
-# -- `mixq eval` documents: {"models": {role: ...}, "results": {role: {task: {"metrics", "n", "data"}}},
-#    "summary": {"capability": {role: ...}, "verdicts": {role: {task: ...}}}} -----------------------------
-def _headline(name: str, res: dict) -> tuple[float | None, dict]:
-    """A task's headline value the way `mixq eval` reports it (its registry and table), and its labels."""
-    info = {"title": name, "metric": None, "higher_is_better": None, "n": res.get("n"),
-            "sample_data": bool((res.get("data") or {}).get("sample_data"))}
+# -- `mixq eval` comparisons (`--output DIR` writes DIR/comparison.json): {"tasks": [...], "titles": {...},
+#    "roles": {role: {"model": identity, "lm_eval": lm-eval's result layout, "capability", "verdicts"}}} --------
+def _headline(name: str, doc: dict, res: dict) -> tuple[float | None, dict]:
+    """A task's headline value the way `mixq eval` reports it (percent for accuracies), and its labels."""
+    info = {"title": (doc.get("titles") or {}).get(name, name), "metric": None, "higher_is_better": None,
+            "n": None, "sample_data": name in (doc.get("sample_data") or [])}
     try:
-        from mixq.core.errors import MixqError
-        from mixq.eval import registry, table
-
-        try:
-            task = registry.get(name)
-        except MixqError:
-            task = None
-        if task is not None:
-            info.update(title=task.title or name, metric=task.metric_label, higher_is_better=task.higher_is_better)
-            return table.headline(res, task), info
-    except ImportError:  # the eval package is not part of this install: fall back to the raw metrics
-        pass
-    return _score(res.get("metrics")), info
+        from mixq.eval import scores
+    except ImportError:  # the eval package is not part of this install: no headline
+        return None, info
+    h = scores.headline(name, res)
+    v = scores.value(res, name)
+    info.update(metric=h.label, higher_is_better=h.higher_is_better, n=scores.count(res, name))
+    return (None if v is None else v * (100.0 if h.percent else 1.0)), info
 
 
 def _verdict_text(v: Any) -> str | None:
@@ -100,23 +94,19 @@ def _verdict_text(v: Any) -> str | None:
     c, rule = v.get("change"), v.get("rule")
     if not isinstance(c, (int, float)):
         return str(v["verdict"])
-    detail = f"{c:+.1f} pt" if rule == "points" else f"{100 * c:+.1f}%" if rule == "relative" else f"KL {c:.3g}"
+    detail = f"{-c:+.1f} pt" if rule == "points" else f"{100 * c:+.1f}%" if rule == "relative" else f"KL {c:.3g}"
     return f"{v['verdict']} ({detail})"
 
 
 def _mixq_role(doc: dict, role: str) -> dict | None:
-    res = doc["results"].get(role)
-    if not isinstance(res, dict):
+    entry = doc["roles"].get(role)
+    if not isinstance(entry, dict):
         return None
-    info = doc["models"].get(role) or {}
-    summary = doc.get("summary") or {}
-    cap = (summary.get("capability") or {}).get(role) or {}
-    verdicts = (summary.get("verdicts") or {}).get(role) or {}
+    info, res = entry.get("model") or {}, entry.get("lm_eval") or {}
+    cap, verdicts = entry.get("capability") or {}, entry.get("verdicts") or {}
     tasks, meta = {}, {}
-    for name, r in res.items():
-        if not isinstance(r, dict):
-            continue
-        v, m = _headline(name, r)
+    for name in doc.get("tasks") or []:
+        v, m = _headline(name, doc, res)
         if v is None:
             continue
         tasks[name] = v
@@ -218,7 +208,7 @@ def normalize_eval(doc: Any) -> dict | None:
     baseline, reference, versions} (baseline / reference: the same fields, or None), or None."""
     if not isinstance(doc, dict):
         return None
-    if isinstance(doc.get("results"), dict) and isinstance(doc.get("models"), dict):
+    if isinstance(doc.get("roles"), dict):
         return _from_mixq_eval(doc)
     main = _one(doc)
     if main is None and isinstance(doc.get("model"), dict):
@@ -242,7 +232,8 @@ def normalize_eval(doc: Any) -> dict | None:
 
 
 def eval_files(model_dir: Path) -> list[Path]:
-    return sorted((model_dir / "mixq").glob("eval*.json"))
+    """mixq/eval*.json and the comparison in each mixq/eval*/ that `mixq eval --output` wrote."""
+    return sorted((model_dir / "mixq").glob("eval*.json")) + sorted((model_dir / "mixq").glob("eval*/comparison.json"))
 
 
 def gather(model_dir: Path, extra_evals: list[str] | None = None) -> Sources:
@@ -293,11 +284,12 @@ def gather(model_dir: Path, extra_evals: list[str] | None = None) -> Sources:
         if norm is None:
             s.problems.append(f"{f.name}: no recognisable benchmark scores; left out")
             continue
-        s.evals.append({**norm, "file": f.name})
+        name = str(f.relative_to(model_dir / "mixq")) if f.is_relative_to(model_dir / "mixq") else f.name
+        s.evals.append({**norm, "file": name})
     _note_fingerprints(s)
     if not s.evals:
         s.missing.append("benchmark scores and Capability Score (mixq/eval*.json): run "
-                         "`mixq eval MODEL_DIR --output MODEL_DIR/mixq/eval.json`")
+                         "`mixq eval MODEL_DIR --output MODEL_DIR/mixq/eval`")
     return s
 
 

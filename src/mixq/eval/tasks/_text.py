@@ -1,8 +1,8 @@
 """Held-out text as documents, for `perplexity` and `kl`.
 
-The source is, in order: `--text FILE`; WikiText-2's `wiki.test.raw` when `--data-dir` holds it (in
-`DIR/wikitext/`, `DIR/wikitext-2-raw/` or `DIR/`); else the held-out text shipped in `mixq/data/heldout.txt`
-(the last 5 % of every offline corpus file, never seen by training or calibration; see mixq.core.corpus).
+The source is `--text FILE` when given, else the held-out text shipped in `mixq/data/heldout.txt` (the last
+5 % of every offline corpus file, never seen by training or calibration; see mixq.core.corpus). Perplexity
+is lm-eval's `wikitext` task (mixq.eval.lmeval), not this.
 Text is cut at line ends into documents of about DOC_CHARS characters; documents from the held-out
 text's sections (prose, dictionary, scripture, Python docs, Japanese) are interleaved so that any prefix
 of the list (`--limit N`) covers every kind of text.
@@ -62,11 +62,6 @@ def documents(opts) -> tuple[list[tuple[str, str]], str, dict]:
         text = _read(p)
         docs = [(f"doc-{i}", d) for i, d in enumerate(chunk_lines(text))]
         source, files = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}
-    elif opts.data_dir and opts.data_dir != "hf" and _wikitext(opts.data_dir):
-        p = _wikitext(opts.data_dir)
-        text = _read(p)
-        docs = [(f"wiki-{i}", d) for i, d in enumerate(chunk_lines(text))]
-        source, files = str(p), {p.name: hashlib.sha256(text.encode()).hexdigest()}
     else:
         text = read_data_text(HELDOUT_NAME)
         sections = [(name, chunk_lines(body)) for name, body in read_heldout_sections(text)]
@@ -77,11 +72,3 @@ def documents(opts) -> tuple[list[tuple[str, str]], str, dict]:
         raise MixqError(f"{source}: no text")
     return docs, source, files
 
-
-def _wikitext(data_dir: str) -> Path | None:
-    base = Path(data_dir).expanduser()
-    for sub in ("wikitext", "wikitext-2-raw", "wikitext-2-raw-v1", "."):
-        p = base / sub / "wiki.test.raw"
-        if p.is_file():
-            return p
-    return None

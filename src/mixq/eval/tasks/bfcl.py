@@ -179,9 +179,6 @@ class BFCL(Task):
         return {"max_tokens": opts.budget(ANSWER_TOKENS)}
 
     def load(self, opts, limit):
-        if opts.data_dir == "hf":
-            raise MixqError("bfcl: no datasets copy with both files; download the BFCL data files and pass "
-                            "--data-dir DIR")
         src = Source("bfcl", opts.data_dir, [FILE])
         questions = src.jsonl(FILE)
         answers = {a.get("id"): a for a in src.jsonl(f"possible_answer/{FILE}")}
@@ -221,3 +218,6 @@ class BFCL(Task):
             if not r["valid"]:
                 errors[r["error_type"]] = errors.get(r["error_type"], 0) + 1
         return {"accuracy": sum(r["valid"] for r in records) / len(records), "errors": errors}
+
+    def per_sample(self, record):
+        return {"accuracy": float(record["valid"])}

@@ -84,3 +84,7 @@ class KL(Task):
             "ref_ppl": math.exp(sum(r["ref_nll"] for r in records) / tg) if tg else None,
             "positions": pos, "windows": len(records),
         }
+
+    def per_sample(self, record):
+        return {"kl_mean": [sum(record["kl"]), record["positions"]],
+                "top1": record["top1"] / max(1, record["positions"])}
