@@ -77,29 +77,34 @@ def _inverse_cholesky(H):
     """Upper U with U^T U = (H + damping)^-1, float32; an all-zero H (no data) means plain rounding.
 
     With J the reversal, chol(J H J) = L gives H = (J L J)(J L J)^T, so U = J L^-1 J: one Cholesky and
-    one triangular inverse, no explicit inverse of H (mlx's linalg runs on the CPU stream only)."""
+    one triangular inverse, no explicit inverse of H (mlx's linalg runs on the CPU stream only). Besides
+    H, at most two cols x cols float32 arrays are held at a time."""
     import mlx.core as mx
 
-    H = _f32(H)
+    H = _f32(H)[::-1, ::-1]   # J H J (a view): the damping below is the same in either order
     cols = H.shape[-1]
-    idx = mx.arange(cols)
     diag = mx.diagonal(H)
     live = diag > 0
     if not mx.any(live).item():
         return mx.eye(cols, dtype=mx.float32)
-    if not mx.all(live).item():   # dead columns: no coupling, 1 on the diagonal
-        H = mx.where(live[:, None] & live[None, :], H, 0.0)
-    H = H.at[idx, idx].add(mx.where(live, 0.0, 1.0) + DAMP * (mx.where(live, diag, 0.0).sum() / live.sum()))
-    mx.eval(H)
-    mean = mx.diagonal(H).mean()
+    dead = not mx.all(live).item()   # dead columns: no coupling, 1 on the diagonal
+    shift = mx.where(live, 0.0, 1.0) + DAMP * (mx.where(live, diag, 0.0).sum() / live.sum())
+    mean = (mx.where(live, diag, 0.0) + shift).mean()
+    idx = mx.arange(cols)
     for extra in (0.0, 0.1, 1.0, 10.0):  # more damping only if H is numerically indefinite
-        Hd = H.at[idx, idx].add(extra * mean) if extra else H
-        L = mx.linalg.cholesky(Hd[::-1, ::-1], stream=mx.cpu)
-        U = mx.triu(mx.linalg.tri_inv(L, upper=False, stream=mx.cpu)[::-1, ::-1])
+        Hd = mx.where(live[:, None] & live[None, :], H, 0.0) if dead else H
+        L = mx.linalg.cholesky(Hd.at[idx, idx].add(shift + extra * mean), stream=mx.cpu)
         # mlx does not raise on a failed factorisation: the failing pivot is left <= 0 or NaN
-        ok = mx.all(mx.diagonal(L) > 0) & mx.all(mx.isfinite(U))
+        ok = mx.all(mx.diagonal(L) > 0)
+        mx.eval(L, ok)
+        del Hd
+        if not ok.item():
+            continue
+        # the inverse of a lower factor is lower (mlx leaves exact zeros above); J L^-1 J is a view
+        U = mx.linalg.tri_inv(L, upper=False, stream=mx.cpu)[::-1, ::-1]
+        del L
+        ok = mx.all(mx.isfinite(U))
         mx.eval(U, ok)
-        del Hd, L
         if ok.item():
             return U
     return mx.eye(cols, dtype=mx.float32)
