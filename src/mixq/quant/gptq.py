@@ -280,7 +280,7 @@ class Rounding:
         dtype = str(w.dtype).rsplit(".", 1)[-1]
         kw = dict(group_size=fmt.group_size, bits=fmt.bits, mode="affine")
         worse = np.zeros(slices)   # per slice: GPTQ's output error minus round-to-nearest's
-        parts = []                 # per step: (e0, e1, GPTQ's packed arrays, round-to-nearest's)
+        parts = []                 # per step: (e0, e1, r0, r1, GPTQ's packed arrays)
         for e0, e1, r0, r1 in _steps(slices, rows, cols, len(Us) > 1):
             Wsrc = W3[e0:e1, r0:r1]
             Uc = Us[0][None] if len(Us) == 1 else mx.stack(Us[e0:e1])
@@ -290,12 +290,16 @@ class Rounding:
             mx.eval(*g, *r)
             del q, S, B, Uc
             worse[e0:e1] += _excess_error(Wsrc, g, r, Hs if Hs is not None else [H[e] for e in range(e0, e1)], kw)
-            parts.append((e0, e1, g, r))
+            parts.append((e0, e1, r0, r1, g))
+        # never worse than round-to-nearest on the output error GPTQ minimises (matters at 2 bits); its
+        # arrays are not kept but quantized again, step by step, for the slices that take them
         take_rtn = worse > 0
         pieces: list[list] = [[], [], []]
-        for e0, e1, g, r in parts:
-            for k in range(3):
-                pieces[k].extend((r if take_rtn[e] else g)[k][e - e0] for e in range(e0, e1))
+        for e0, e1, r0, r1, g in parts:
+            for e in range(e0, e1):
+                arrs = mx.quantize(W3[e, r0:r1], **kw) if take_rtn[e] else [a[e - e0] for a in g]
+                for k in range(3):
+                    pieces[k].append(arrs[k])
         parts.clear()
         out = tuple(mx.concatenate(p, axis=0).reshape(*lead, rows, -1) for p in pieces)
         mx.eval(*out)
