@@ -76,6 +76,12 @@ class ExpertGrams:
     def __getitem__(self, e: int):
         return self.chunk(e, e + 1)[0]
 
+    def reshape(self, *shape):
+        """Already (experts, d, d): GPTQ asks for that view of a per-expert H."""
+        if tuple(s for s in shape if s != -1) != self.shape[-2:] and tuple(shape) != self.shape:
+            raise ValueError(f"cannot view expert Grams {self.shape} as {shape}")
+        return self
+
 
 def _recorder_class():
     import mlx.core as mx
