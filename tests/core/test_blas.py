@@ -44,3 +44,24 @@ def test_in_process_status():
     assert blas.info()["status"] in ("fast", "reference", "disabled", "platform")
     if blas.info()["status"] == "fast":
         assert any("blas" in p.lower() for p in blas._loaded_blas_libraries())
+
+
+NUMPY_FIRST = """
+import json, ctypes
+import numpy  # its wheel maps a prefixed OpenBLAS (scipy_cblas_*) that mlx cannot use
+import mixq
+from mixq.core import blas
+print(json.dumps({"info": blas.info(), "global_sgemm": hasattr(ctypes.CDLL(None), "cblas_sgemm")}))
+"""
+
+
+def test_numpy_imported_first_does_not_pass_for_a_fast_blas():
+    import json
+
+    r = subprocess.run([sys.executable, "-c", NUMPY_FIRST], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MIXQ_BLAS": "auto"})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    if blas._candidates():
+        assert got["info"]["status"] == "fast" and got["info"]["library"] in blas._candidates(), got
+        assert got["global_sgemm"]  # the plain symbol mlx links against now resolves to it

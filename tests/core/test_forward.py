@@ -132,3 +132,29 @@ def test_shard_writer_refuses_what_was_not_planned(tmp_path):
         w.put("x", mx.zeros((2, 3)))
     with pytest.raises(MixqError, match="never written"):
         w.close()
+
+
+def test_runner_on_a_llama_reads_its_layer_attributes(tmp_path, qwen3):
+    """mlx-lm's llama forward reads plain attributes of its layers (use_sliding): the runner's check passes
+    them through, and the streamed run equals the float32 model."""
+    import importlib
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 512, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": True, "rope_theta": 10000.0}
+    arch = importlib.import_module("mlx_lm.models.llama")
+    mx.random.seed(0)
+    model = arch.Model(arch.ModelArgs.from_dict(cfg))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"),
+                        {k: v.astype(mx.bfloat16) for k, v in tree_flatten(model.parameters())})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for f in qwen3.glob("*.json"):
+        if f.name != "config.json":
+            shutil.copy(f, tmp_path / f.name)
+    lm = load(tmp_path, compute_dtype=None, lazy=True)
+    got = lm.runner(retain=False).run(TOKENS)
+    ref = load(tmp_path).model(TOKENS)
+    assert mx.abs(got - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()

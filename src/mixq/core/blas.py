@@ -58,8 +58,11 @@ def enable() -> dict:
     if choice == "off":
         _state.update(status="disabled", detail="MIXQ_BLAS=off")
         return info()
+    # a BLAS counts as loaded only if its plain cblas_sgemm is in the global namespace (LD_PRELOAD, or loaded
+    # RTLD_GLOBAL): numpy's bundled OpenBLAS exports prefixed symbols only, and mlx cannot use it
+    global_sgemm = hasattr(ctypes.CDLL(None), "cblas_sgemm")
     already = [p for p in _loaded_blas_libraries() if "openblas" in p.lower() or "mkl" in p.lower()]
-    if already:
+    if already and global_sgemm:
         _state.update(status="fast", library=already[0], detail="already loaded (LD_PRELOAD or earlier import)")
         return info()
     if "mlx.core" in sys.modules:

@@ -204,8 +204,10 @@ class BlockRunner:
             def __init__(self, i, inner):
                 super().__init__()
                 self.i, self.inner = i, inner
-                if hasattr(inner, "block_type"):  # nemotron_h's forward picks each layer's mask by it
-                    self.block_type = inner.block_type
+                # the model's forward reads plain attributes of its layers (block_type, use_sliding, ...)
+                for k, v in vars(inner).items():
+                    if not k.startswith("_") and isinstance(v, (bool, int, float, str)) and k not in ("i", "inner"):
+                        setattr(self, k, v)
 
             def __call__(self, *args, **kwargs):
                 with runner.resident(self.i):
