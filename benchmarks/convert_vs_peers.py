@@ -160,8 +160,9 @@ thr = estimate_threshold(model=src.model, sensitivities=sens, target_bpw=float(s
                          low_group_size=64, high_bits=5, high_group_size=64)
 pred = lambda p, m: {"bits": 5, "group_size": 64} if sens.get(p, -1e30) > thr else hasattr(m, "to_quantized")
 model, config = quantize_model(src.model, dict(src.config), group_size=64, bits=4, quant_predicate=pred)
+bpw = compute_bits_per_weight(model)
 save(sys.argv[3], src.path, model, src.tokenizer, config)
-print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "bpw": compute_bits_per_weight(model)}))
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "bpw": bpw}))
 """
 
 MIXQ_CHILD = """

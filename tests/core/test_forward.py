@@ -53,8 +53,10 @@ def _full_stats(logits, targets):
     return lse, logits.argmax(-1), nll
 
 
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
 @pytest.mark.parametrize("chunk_bytes", [None, 4096])
-def test_chunked_head_matches_full_vocabulary(monkeypatch, chunk_bytes):
+def test_chunked_head_matches_full_vocabulary(monkeypatch, chunk_bytes, numpy_on_cpu):
+    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", numpy_on_cpu)  # the mlx path is what a GPU runs
     if chunk_bytes:
         monkeypatch.setattr(head_mod, "CHUNK_BYTES", chunk_bytes)  # the 256-row minimum: 4 chunks
     rng = np.random.default_rng(0)
@@ -158,3 +160,23 @@ def test_runner_on_a_llama_reads_its_layer_attributes(tmp_path, qwen3):
     got = lm.runner(retain=False).run(TOKENS)
     ref = load(tmp_path).model(TOKENS)
     assert mx.abs(got - ref).max().item() <= 1e-5 * mx.abs(ref).max().item()
+
+
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+def test_tiny_kl_keeps_its_digits(monkeypatch, numpy_on_cpu):
+    """A mean KL of ~1e-8 (an 8-bit-sized perturbation) comes out right to 1 % (per position to the float32
+    logits' own precision), where a difference of two float32 log-sum-exps is ~40 % off (measured)."""
+    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", numpy_on_cpu)
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((3000, 32)).astype(np.float32)
+    dW = rng.standard_normal((3000, 32)).astype(np.float32) * 2e-5
+    hn = rng.standard_normal((1, 50, 32)).astype(np.float32) * 3
+    head, qhead = Head(mx.array(W)), Head(mx.array(W + dW))
+    ref = head.reference(mx.array(hn))
+    got = np.array(qhead.compare(mx.array(hn), ref, head)["kl"]).ravel()
+    zp, zq = hn[0].astype(np.float64) @ W.astype(np.float64).T, hn[0].astype(np.float64) @ (W + dW).astype(np.float64).T
+    lp = zp - np.log(np.exp(zp - zp.max(1, keepdims=True)).sum(1, keepdims=True)) - zp.max(1, keepdims=True)
+    lq = zq - np.log(np.exp(zq - zq.max(1, keepdims=True)).sum(1, keepdims=True)) - zq.max(1, keepdims=True)
+    want = (np.exp(lp) * (lp - lq)).sum(1)
+    assert 1e-9 < want.mean() < 1e-7
+    assert np.abs(got - want).max() < 5e-9 and abs(got.mean() / want.mean() - 1) < 0.01

@@ -250,3 +250,20 @@ def test_tied_embedding_gets_both_roles(qwen3):
     block = next(p for p in H if p.startswith("model.layers.0."))
     with pytest.raises(MixqError, match="block the sweep is not at"):
         H[block]
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_formats_solved_together_equal_one_by_one(experts):
+    """quantized_many stacks the formats of one group size into one pass over the columns: the same arrays
+    as solving each format alone, and the same round-to-nearest decisions."""
+    if experts:
+        w, H = _experts()
+    else:
+        W, X = _problem(rows=40, cols=256, seed=4)
+        w, H = mx.array(W.astype(np.float32)).astype(mx.bfloat16), (X.T @ X).astype(np.float32)
+    fmts = [Format.affine(b, g) for b in (2, 3, 4, 8) for g in (64, 128)]
+    many = Rounding({"w": H}).quantized_many("w", w, fmts, keep=False)
+    one = Rounding({"w": H})
+    for f in fmts:
+        alone = one.quantized("w", w, f, keep=False)
+        assert all(mx.array_equal(a, b).item() for a, b in zip(many[str(f)], alone)), f

@@ -21,6 +21,11 @@ def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout-samples", type=int, default=16,
+                   help="held-out windows the written model is checked on (default 16)")
+    p.add_argument("--compare", default="4:64",
+                   help="baselines measured beside it on held-out text: formats (4:64, 4:32, mxfp4, ...) and "
+                        "mlx-lm recipes (mixed_4_6, ...), comma-separated, or none (default 4:64)")
     p.add_argument("--rounding", choices=("gptq", "rtn"), default="gptq",
                    help="how weights are rounded to affine formats: gptq (error-compensating, against "
                         "calibration second moments; default) or rtn (round to nearest, like mlx-lm)")
@@ -52,6 +57,7 @@ def run(args) -> int:
     opts = ConvertOptions(
         model=args.model, out=args.out, target_bpw=args.target_bpw, candidates=args.candidates,
         calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        heldout_samples=args.heldout_samples, compare=args.compare,
         rounding=args.rounding, sensitivity_method=args.sensitivity_method, dry_run=args.dry_run,
         stream_weights=args.stream_weights,
         sensitivity=args.sensitivity, force=args.force, progress=not args.quiet,

@@ -7,8 +7,8 @@ recomputes the reference logits chunk by chunk next to the compared ones (`Head.
 extra head projection per comparison, and memory of one chunk of logits.
 
 Per position, with p the reference and q the compared distribution, z their logits and d = z_p - z_q:
-    KL(p || q) = sum_i p_i d_i + log sum_i p_i exp(-d_i) = A + log1p(B - A),
-    A = sum_i p_i d_i,  B = sum_i p_i (exp(-d_i) - 1 + d_i)   (p normalised over the accumulated sum)
+    KL(p || q) = sum_i p_i d_i + log sum_i p_i exp(-d_i) = A + log1p(B),
+    A = sum_i p_i d_i,  B = sum_i p_i expm1(-d_i)   (p normalised over the accumulated sum)
 accumulated in one pass over the chunks; no difference of two log-sum-exps is taken, so a KL of 1e-8
 keeps its digits in float32.
 """
@@ -17,7 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CHUNK_BYTES = 128 << 20  # float32 working set of one chunk of head rows
+import numpy as np
+
+CHUNK_BYTES = 128 << 20   # float32 working set of one chunk of head rows
+LOGITS_BYTES = 32 << 20   # float32 logits of one chunk (its temporaries are a few times that)
+NUMPY_ON_CPU = True       # per-element KL work in numpy when mlx computes on the CPU
 
 
 class Head:
@@ -29,8 +33,13 @@ class Head:
         self.weight, self.bias = weight, bias
         self.compute = compute or mx.float32
         self.vocab, self.dim = int(weight.shape[0]), int(weight.shape[-1])
-        rows = max(256, CHUNK_BYTES // (4 * max(self.dim, 1)))
-        self.bounds = [(a, min(a + rows, self.vocab)) for a in range(0, self.vocab, rows)]
+        self._max_rows = max(256, CHUNK_BYTES // (4 * max(self.dim, 1)))
+        self.bounds = self.bounds_for(1)
+
+    def bounds_for(self, positions: int) -> list:
+        """Vocabulary chunks for `positions` rows of hidden states: bounded weight rows and logits."""
+        rows = max(256, min(self._max_rows, LOGITS_BYTES // (4 * max(positions, 1))))
+        return [(a, min(a + rows, self.vocab)) for a in range(0, self.vocab, rows)]
 
     def rows(self, a: int, b: int):
         w = self.weight.rows(a, b) if hasattr(self.weight, "rows") else self.weight[a:b]
@@ -46,7 +55,7 @@ class Head:
         """Full logits: for short inputs only (checks, tests, generation of one position)."""
         import mlx.core as mx
 
-        return mx.concatenate([self.chunk(hn, a, b) for a, b in self.bounds], axis=-1)
+        return mx.concatenate([self.chunk(hn, a, b) for a, b in self.bounds_for(_positions(hn))], axis=-1)
 
     # -- streamed statistics ----------------------------------------------------------------------
     def reference(self, hn, targets=None) -> "Reference":
@@ -55,7 +64,7 @@ class Head:
 
         lse = _Lse()
         best_v = best_i = tgt = None
-        for a, b in self.bounds:
+        for a, b in self.bounds_for(_positions(hn)):
             z = self.chunk(hn, a, b)
             lse.add(z)
             best_v, best_i = _argmax_merge(best_v, best_i, z, a)
@@ -74,9 +83,10 @@ class Head:
         """One label per position drawn from softmax(logits) (Gumbel-max over the chunks, keyed)."""
         import mlx.core as mx
 
-        keys = mx.random.split(key, len(self.bounds))
+        bounds = self.bounds_for(_positions(hn))
+        keys = mx.random.split(key, len(bounds))
         best_v = best_i = None
-        for c, (a, b) in enumerate(self.bounds):
+        for c, (a, b) in enumerate(bounds):
             z = self.chunk(hn, a, b)
             g = mx.random.gumbel(shape=z.shape, key=keys[c])
             best_v, best_i = _argmax_merge(best_v, best_i, z + g, a)
@@ -88,9 +98,13 @@ class Head:
         import mlx.core as mx
 
         g = mx.zeros(hn.shape, dtype=mx.float32)
-        for a, b in self.bounds:
+        on_cpu = NUMPY_ON_CPU and mx.default_device() == mx.cpu
+        for a, b in self.bounds_for(_positions(hn)):
             z = self.chunk(hn, a, b)
-            p = mx.exp(z - lse[..., None])
+            if on_cpu:  # numpy's exp is several times mlx's on the CPU
+                p = mx.array(np.exp(np.array(z) - np.array(lse)[..., None]))
+            else:
+                p = mx.exp(z - lse[..., None])
             inside = (labels >= a) & (labels < b)
             onehot = (mx.arange(a, b) == labels[..., None]) & inside[..., None]
             g = g + (onehot.astype(p.dtype) - p) @ self.rows(a, b)
@@ -100,36 +114,77 @@ class Head:
 
 def compare_many(compared: list, ref: "Reference", ref_head: "Head", targets=None) -> list[dict]:
     """`compared`: (head, hn) pairs, each against the same reference; the reference's chunk of logits and
-    probabilities is computed once for all of them. Per pair: KL, argmax agreement, next-token NLL."""
+    probabilities is computed once for all of them. Per pair: KL, argmax agreement, next-token NLL.
+
+    Per position, with d = z_p - z_q over the vocabulary and p normalised over the accumulated sum s0:
+    KL = A + log1p(B) with A = sum p d / s0 and B = sum p expm1(-d) / s0, so no difference of two
+    log-sum-exps (O(10) each) is ever taken and a KL of 1e-8 keeps its digits in float32. On the CPU the
+    per-element work runs in numpy (its SIMD exp is several times mlx's there); elsewhere in mlx."""
     import mlx.core as mx
 
     shape = ref.lse.shape
-    acc = [{"s0": mx.zeros(shape), "a": mx.zeros(shape), "b": mx.zeros(shape), "v": None, "i": None, "t": None}
-           for _ in compared]
-    for lo, hi in ref_head.bounds:
+    on_cpu = NUMPY_ON_CPU and mx.default_device() == mx.cpu
+    acc = [{"s0": 0.0, "a": 0.0, "b": 0.0, "v": None, "i": None, "t": None} for _ in compared]
+    lse = np.array(ref.lse).reshape(-1, 1) if on_cpu else ref.lse[..., None]
+    tg = None if targets is None else (np.array(targets).reshape(-1) if on_cpu else targets)
+    for lo, hi in ref_head.bounds_for(_positions(ref.hn)):
         zp = ref_head.chunk(ref.hn, lo, hi)
-        p = mx.exp(zp - ref.lse[..., None])
-        s0 = p.sum(axis=-1)
+        if on_cpu:
+            zp = np.array(zp).reshape(-1, hi - lo)
+            p = np.exp(zp - lse)
+            s0 = p.sum(axis=-1)
+        else:
+            p = mx.exp(zp - lse)
+            s0 = p.sum(axis=-1)
         for (head, hn), st in zip(compared, acc):
             zq = head.chunk(hn, lo, hi)
-            d = zp - zq
-            st["s0"] = st["s0"] + s0
-            st["a"] = st["a"] + (p * d).sum(axis=-1)
-            st["b"] = st["b"] + (p * (mx.expm1(-d) + d)).sum(axis=-1)
-            st["v"], st["i"] = _argmax_merge(st["v"], st["i"], zq, lo)
-            if targets is not None:
-                st["t"] = _gather_in(st["t"], zq, targets, lo, hi)
-            mx.eval(*(x for x in st.values() if x is not None))
+            if on_cpu:
+                _stats_np(st, zp, p, s0, np.array(zq).reshape(-1, hi - lo), lo, hi, tg)
+            else:
+                _stats_mx(st, zp, p, s0, zq, lo, hi, targets)
     out = []
     for st in acc:
-        # KL = sum p d + log sum p e^-d with d = z_p - z_q, written A + log1p(B - A) over the normalised p: no
-        # difference of two log-sum-exps (O(10) each) is ever taken, so tiny KLs keep their digits
-        an, bn = st["a"] / st["s0"], st["b"] / st["s0"]
-        r = {"kl": mx.maximum(an + mx.log1p(bn - an), 0.0), "same": st["i"] == ref.argmax}
+        a, b, s0, v, i, t = (mx.array(np.asarray(st[k]).reshape(shape)) if on_cpu and st[k] is not None else st[k]
+                             for k in ("a", "b", "s0", "v", "i", "t"))
+        an, bn = a / s0, b / s0
+        r = {"kl": mx.maximum(an + mx.log1p(bn), 0.0), "same": i == ref.argmax}
         if targets is not None:
-            r["nll"] = ref.lse + mx.log(st["s0"] - st["a"] + st["b"]) - st["t"]
+            r["nll"] = ref.lse + mx.log(s0 + b) - t
         out.append(r)
     return out
+
+
+def _stats_np(st: dict, zp, p, s0, zq, lo: int, hi: int, targets) -> None:
+    d = zp - zq
+    st["s0"] = st["s0"] + s0
+    st["a"] = st["a"] + np.einsum("ij,ij->i", p, d)
+    np.negative(d, out=d)
+    np.expm1(d, out=d)
+    st["b"] = st["b"] + np.einsum("ij,ij->i", p, d)
+    i = zq.argmax(axis=-1)
+    v = np.take_along_axis(zq, i[:, None], axis=-1)[:, 0]
+    if st["v"] is None:
+        st["v"], st["i"] = v, i + lo
+    else:
+        take = v > st["v"]  # ties keep the earlier (lower) index, as a full argmax does
+        st["v"], st["i"] = np.where(take, v, st["v"]), np.where(take, i + lo, st["i"])
+    if targets is not None:
+        inside = (targets >= lo) & (targets < hi)
+        got = np.where(inside, zq[np.arange(zq.shape[0]), np.clip(targets - lo, 0, hi - lo - 1)], 0.0)
+        st["t"] = got if st["t"] is None else st["t"] + got
+
+
+def _stats_mx(st: dict, zp, p, s0, zq, lo: int, hi: int, targets) -> None:
+    import mlx.core as mx
+
+    d = zp - zq
+    st["s0"] = st["s0"] + s0
+    st["a"] = st["a"] + (p * d).sum(axis=-1)
+    st["b"] = st["b"] + (p * mx.expm1(-d)).sum(axis=-1)
+    st["v"], st["i"] = _argmax_merge(st["v"], st["i"], zq, lo)
+    if targets is not None:
+        st["t"] = _gather_in(st["t"], zq, targets, lo, hi)
+    mx.eval(*(x for x in st.values() if isinstance(x, mx.array)))
 
 
 @dataclass
@@ -144,6 +199,13 @@ class Reference:
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in (self.hn, self.lse, self.argmax, self.nll) if a is not None)
+
+
+def _positions(hn) -> int:
+    n = 1
+    for d in hn.shape[:-1]:
+        n *= int(d)
+    return n
 
 
 class _Lse:

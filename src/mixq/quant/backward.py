@@ -12,8 +12,7 @@ recorders also accumulate the input second moments GPTQ rounds against.
 `on_batch(i, recorders, grads)` sees each batch's per-position inputs and output gradients;
 `on_block(i, recorders)` runs once the block's batches are done (the block is still resident: rounding
 and estimates happen there). The gradient reaching the embedding output is returned per batch (the
-embedding's Fisher). Cost: one block forward + one backward (counted as two forwards) per block and batch,
-plus one forward per block for the probe shapes.
+embedding's Fisher). Cost: one block forward + one backward (counted as two forwards) per block and batch.
 """
 
 from __future__ import annotations
@@ -62,14 +61,13 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
             order = list(recs)
             shapes: dict = {}
             for b, (h_in, g_out) in enumerate(zip(fwd.inputs[i], grads)):
-                if h_in.shape not in shapes:  # probe shapes: one forward with the recorders paused
+                if h_in.shape not in shapes:  # probe shapes: the graph built, never run (mlx infers shapes)
                     for r in recs.values():
                         r.paused = True
-                    mx.eval(runner.block(i, h_in))
+                    runner.block(i, h_in)
                     shapes[h_in.shape] = [recs[p].out_shape for p in order]
                     for r in recs.values():
                         r.paused = False
-                    bf += 1
 
                 def f(h, *probes):
                     for p, z in zip(order, probes):

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import time
 
-from mixq.core.formats import Format, applicable, bits_per_weight
+from mixq.core.formats import Format, applicable, bits_per_weight, tensor_bytes
 from mixq.core.head import compare_many
 from mixq.quant.backward import backward_sweep
-from mixq.quant.estimate import ESTIMATOR, LayerRows, embedding_estimate, linear_estimate
+from mixq.quant.estimate import ESTIMATOR, FisherStats, embedding_estimate
 from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, normalised_sum
 from mixq.quant.plan import candidate_items
-from mixq.quant.qweight import round_weight
+from mixq.quant.qweight import round_weights
 from mixq.quant.sensitivity import METHODS, Partial, _round, fit_calibration, kind_of
 from mixq.quant.sweep import ForwardSweep, Stream
 
 SUBSET_BUDGET = 0.03   # exact subset: at most this fraction of the exact pass's block-forwards
+SUBSET_INSTANCES = 1   # exact subset: the deepest instance(s) of each tensor kind
 HEAD_GROUP_BYTES = 512 << 20  # packed heads compared against one computation of the reference's chunks
 GPTQ_TYPES = ("Linear", "SwitchLinear", "Embedding")
 
@@ -119,7 +120,7 @@ class Calibration:
 
     # -- the exact subset ------------------------------------------------------------------------------
     def subset(self) -> list[tuple[str, Format]]:
-        """Deepest two instances of every block tensor kind, at the two candidate formats around the target;
+        """The deepest instance of every block tensor kind, at the two candidate formats around the target;
         the most expensive points dropped (never a kind's last) until it costs <= SUBSET_BUDGET of the pass."""
         n = self.runner.num_blocks
         fmts = sorted(self.candidates, key=lambda f: bits_per_weight(f))
@@ -134,7 +135,7 @@ class Calibration:
         for k, ts in sorted(by_kind.items()):
             seen_layers = []
             for t in sorted(ts, key=lambda t: -t.layer):
-                if len(seen_layers) == 2:
+                if len(seen_layers) == SUBSET_INSTANCES:
                     break
                 if t.layer in seen_layers:
                     continue
@@ -170,6 +171,7 @@ class Calibration:
         self._done("calibration forward", fwd.block_forwards +
                    nb * self.head_units * (2 + (1 + len(streams) if streams else 0)))
         self._head_gram = fwd.head_gram
+        self.references = fwd.references  # later sweeps on these windows compare against them
         if self.hessians is not None and not self.runner.tied and self.runner.head_path in self.hessians.paths:
             self.hessians.global_[self.runner.head_path] = fwd.head_gram
         exact = {(p, str(f)): float(fwd.streams[s.name]["kl"].mean()) for (p, f), s in zip(subset, streams)}
@@ -182,7 +184,7 @@ class Calibration:
 
         self._stage("calibration backward" + (" + estimates" if estimate else ""))
         r = self.runner
-        rows = LayerRows()
+        stats = FisherStats(self.n_positions)
         est_units = [0.0]
 
         def on_batch(i, recs, grads):
@@ -190,26 +192,29 @@ class Calibration:
                 return
             for p, g in grads.items():
                 if p in self.by_path and f"t:{p}" not in self.store.done:
-                    rows.add(p, recs[p], g)
+                    stats.add(p, recs[p], g)
 
         def on_block(i, recs):
+            H = {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None}
             if self.hessians is not None:
-                self.hessians.set_block(i, {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None})
+                self.hessians.set_block(i, H)
+                self.hessians.keep(i, {p: h for p, h in H.items() if p in self.hessians.paths})
             if estimate:
                 stored = r.stored(r.layer_prefix(i), r.layers[i])
                 block_params = sum(self.by_path[p].params for p in recs if p in self.by_path)
                 for p in recs:
-                    if p not in self.by_path or f"t:{p}" in self.store.done:
+                    if p not in self.by_path or f"t:{p}" in self.store.done or p not in H:
                         continue
-                    x, g, ids = rows.rows(p)
                     w32 = stored[p].astype(mx.float32)
-                    costs = {}
-                    for f in self._pairs(self.by_path[p]):
-                        q = round_weight(self.rounding, p, stored[p], f)
-                        costs[str(f)] = _round(linear_estimate(x, g, ids, w32 - q.full(mx.float32), self.n_positions))
+                    fmts = self._pairs(self.by_path[p])
+                    costs = {f: _round(stats.estimate(p, H[p], w32 - q.full(mx.float32)))
+                             for f, q in round_weights(self.rounding, p, stored[p], fmts).items()}
                     self.store.add({"id": f"t:{p}", "path": p, "estimates": costs})
-                    est_units[0] += len(costs) * self.by_path[p].params / max(1, block_params) * len(fwd.inputs[i] or [1])
-                rows.x.clear(), rows.g.clear(), rows.ids.clear()
+                    t = self.by_path[p]
+                    # the estimate's matmul against a block forward: in/rows of the layer's own forward
+                    reach = min(1.0, t.shape[-1] / max(1, self.n_positions))
+                    est_units[0] += len(costs) * t.params / max(1, block_params) * len(fwd.references) * reach
+                stats.gd.clear(), stats.rows.clear()
             if self.hessians is not None:
                 self.hessians.set_block(None, {})
 
@@ -271,17 +276,26 @@ class Calibration:
                         totals[str(f)] += got["kl"].sum().item()
                 group.clear()
 
-            for f in fmts:
-                q = round_weight(self.rounding, path, stored, f)
-                if path == emb and estimate:
-                    totals[str(f)] += embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, 1)
-                if path == head_path:
-                    group.append((f, q))
-                    units += nb * self.head_units
-                    if sum(g.nbytes for _, g in group) > HEAD_GROUP_BYTES:
-                        flush()
-            if group:
-                flush()
+            t = self.by_path[path]
+            batch: list = []   # formats rounded together: GPTQ ones in one pass, packed results within a bound
+            for k, f in enumerate(fmts):
+                batch.append(f)
+                if k + 1 < len(fmts) and sum(tensor_bytes(t.shape, g, t.dtype) for g in batch + [fmts[k + 1]]) \
+                        <= HEAD_GROUP_BYTES:
+                    continue
+                solved = round_weights(self.rounding, path, stored, batch)
+                for g in batch:
+                    q = solved[str(g)]
+                    if path == emb and estimate:
+                        totals[str(g)] += embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32),
+                                                             q, 1)
+                    if path == head_path:
+                        group.append((g, q))
+                        units += nb * self.head_units
+                del solved
+                batch = []
+                if group:
+                    flush()
             costs = {f: _round(v / self.n_positions) for f, v in totals.items()}
             out[path] = costs
             self.store.add({"id": f"t:{path}", "path": path, "estimates": costs})

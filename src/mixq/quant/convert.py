@@ -35,8 +35,7 @@ from mixq.quant.sensitivity import FORMAT, METHODS, load_sensitivity
 from mixq.quant.sweep import Stream
 from mixq.quant.write import PlanWriter, quantization_config
 
-BASELINES = ("4:64", "4:32", "mixed_4_6")
-REFINE_UNIFORM = 2  # the largest uniform formats that fit the budget are measured against the plan
+REFINE_UNIFORM = 1  # the largest uniform format that fits the budget is measured against the plan
 
 
 @dataclass
@@ -51,7 +50,8 @@ class ConvertOptions:
     seed: int = 0
     sensitivity: str | None = None
     sensitivity_method: str = "estimate"
-    heldout_samples: int = 32
+    heldout_samples: int = 16
+    compare: str = "4:64"   # baselines measured beside the written model on held-out text ("none": only it)
     rounding: str = "gptq"
     force: bool = False
     progress: bool = True
@@ -84,9 +84,29 @@ def _check_options(opts: ConvertOptions) -> Path:
         raise MixqError(f"--sensitivity-method must be one of {', '.join(METHODS)}, got {opts.sensitivity_method!r}")
     if opts.stream_weights not in ("auto", "on", "off"):
         raise MixqError(f"--stream-weights must be auto, on or off, got {opts.stream_weights!r}")
+    _baselines(opts.compare)
+    if opts.heldout_samples < 1:
+        raise MixqError("--heldout-samples must be >= 1")
     out = Path(opts.out or f"{Path(str(opts.model)).name}-mixq-{opts.target_bpw:g}bpw").expanduser()
     if out.exists() and not opts.force and not opts.dry_run:
         raise MixqError(f"{out} already exists (use --force to replace it)")
+    return out
+
+
+def _baselines(spec: str) -> list[str]:
+    """--compare: uniform formats (BITS:GROUP, mxfp4, ...) or mlx-lm recipes (mixed_4_6, ...), or none."""
+    if spec.strip() in ("", "none"):
+        return []
+    out = []
+    for b in (x.strip() for x in spec.split(",") if x.strip()):
+        if b.startswith("mixed_"):
+            from mlx_lm.convert import QUANT_RECIPES
+
+            if b not in QUANT_RECIPES:
+                raise MixqError(f"--compare: unknown mlx-lm recipe {b!r} ({', '.join(QUANT_RECIPES)})")
+        else:
+            Format.parse(b)
+        out.append(b)
     return out
 
 
@@ -158,7 +178,7 @@ def convert(opts: ConvertOptions) -> dict:
     try:
         timings: dict = {}  # stage -> seconds per block
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
-                                                     candidates, tmp, prog, timings)
+                                                     candidates, tmp, prog, timings, cal.references)
         plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement)
         _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
@@ -208,7 +228,8 @@ def _uniform_rivals(anatomy, lm, candidates, plan) -> list:
     return sorted(fits, key=lambda x: -x[0])[:REFINE_UNIFORM]
 
 
-def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians, rivals, tmp, prog, timings):
+def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians, rivals, tmp, prog, timings,
+                 references):
     """One sweep on the calibration windows: the plan (written as it is rounded) and its rivals."""
     writer = PlanWriter(tmp, anatomy, formats, lm.source_dtypes, max_shard_bytes=opts.max_shard_bytes)
     plan_stream = Stream("mixq", formats, rounding)
@@ -222,7 +243,7 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
         prog.start("evaluate and write" if rivals else "write")
         got, res = evaluate(runner, anatomy, windows.tokens, streams, batch_size=opts.batch_size,
                             gptq_paths=set(hessians.paths) if hessians else (), hessians=hessians,
-                            on_rounded=on_rounded, progress=prog)
+                            on_rounded=on_rounded, progress=prog, references=references)
         timings["evaluate and write"] = [round(x, 3) for x in res.block_seconds]
         fresh = lm.weights.fresh()
         for name in writer.missing_plain():
@@ -237,10 +258,10 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
 
 
 def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians, candidates, tmp, prog,
-                        timings):
+                        timings, references):
     rivals = _uniform_rivals(anatomy, lm, candidates, plan)
     got = _write_sweep(opts, lm, anatomy, runner, windows, plan_formats(plan), rounding, hessians, rivals, tmp, prog,
-                       timings)
+                       timings, references)
     mixq_calib = got["mixq"]
     refinement = {"applied": False, "compared": {name: got[name]["kl_mean"] for _, name, _ in rivals}}
     best = min(((got[name]["kl_mean"], name, fmts) for _, name, fmts in rivals), default=None, key=lambda x: x[0])
@@ -258,7 +279,7 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
         plan["predicted_kl"] = sum(float(e["sensitivity"].get(e["format"], "nan")) for e in plan["tensors"].values())
         shutil.rmtree(tmp, ignore_errors=True)
         mixq_calib = _write_sweep(opts, lm, anatomy, runner, windows, fmts, rounding, hessians, [], tmp, prog,
-                                  timings)["mixq"]
+                                  timings, references)["mixq"]
     return mixq_calib, refinement
 
 
@@ -287,7 +308,7 @@ def _heldout(opts, lm, anatomy, runner, plan, tmp, prog, timings):
     written = WrittenModel(tmp)
     streams = [Stream("mixq", {}, quantized=written)]
     rows = [{"name": "mixq", "bpw": plan["achieved_bpw"], "bytes": plan["total_bytes"]}]
-    for b in BASELINES:
+    for b in _baselines(opts.compare):
         if b.startswith("mixed_"):
             fmts, fell = recipe_formats(anatomy, lm.model, b), []
         else:

@@ -36,10 +36,12 @@ def summary(res: dict) -> dict:
 
 
 def evaluate(runner, anatomy, tokens, streams: list[Stream], *, batch_size: int = 8, gptq_paths=(),
-             hessians=None, on_rounded=None, progress=None) -> tuple[dict, object]:
-    """name -> summary for each stream (and "float" -> its perplexity), plus the sweep result."""
+             hessians=None, on_rounded=None, progress=None, references=None) -> tuple[dict, object]:
+    """name -> summary for each stream (and "float" -> its perplexity), plus the sweep result.
+    `references`: the float model's on these windows, when an earlier sweep has them."""
     sweep = ForwardSweep(runner, anatomy, tokens, batch_size=batch_size, gptq_paths=gptq_paths, progress=progress)
-    res = sweep.run(streams, grams=hessians is not None, hessians=hessians, on_rounded=on_rounded)
+    res = sweep.run(streams, grams=hessians is not None, hessians=hessians, on_rounded=on_rounded,
+                    references=references)
     out = {name: summary(r) for name, r in res.streams.items()}
     nll = np.concatenate([np.array(ref.nll).ravel() for ref in res.references])
     valid = np.concatenate([np.array(t).ravel() >= 0 for t in sweep_targets(sweep)])

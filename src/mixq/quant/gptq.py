@@ -30,11 +30,11 @@ from mixq.core.formats import Format, applicable, quantize_dequantize
 
 GPTQ_VERSION = "gptq-v3"
 DAMP = 0.01   # fraction of mean(diag H) added to the diagonal: keeps H invertible, standard in GPTQ
-BLOCK = 128   # columns per lazy-update block (a multiple of every group size)
+BLOCK = 32    # columns per lazy-update block (every group size is a multiple: a group spanning blocks starts at one)
 WORKSET_BYTES = 256 << 20  # float32 bytes of one step: its rows' arrays (and its experts' stacked factors)
 LIVE_COPIES = 4            # float32 arrays of a step's size the solve holds at once (measured)
 CHECK_COPIES = 10          # the same for the check against round-to-nearest (run on a few rows at a time)
-CACHE_ENTRIES = 64         # packed results `Rounding` keeps (keep=True) ...
+CACHE_ENTRIES = 1 << 20    # packed results `Rounding` keeps (keep=True) ...
 CACHE_BYTES = 1 << 30      # ... and their bytes in all; see `Rounding`
 
 
@@ -110,15 +110,19 @@ def _inverse_cholesky(H):
     return mx.eye(cols, dtype=mx.float32)
 
 
-def _gptq(W, U, bits: int, group: int, dtype: str):
+def _gptq(W, U, bits, group: int, dtype: str):
     """GPTQ a stack of (rows, cols) slices: W (E, rows, cols) float32, U (E or 1, cols, cols) their factors.
-    Returns q (E, rows, cols) uint8 and scales, biases (E, rows, cols // group) float32 holding `dtype`
-    values, w ~ scale * q + bias per group."""
+    `bits` is one number or one per slice (formats of one group size solved together: their copies of the
+    weight stacked, each rounded to its own number of levels). Returns q (E, rows, cols) uint8 and scales,
+    biases (E, rows, cols // group) float32 holding `dtype` values, w ~ scale * q + bias per group."""
     import mlx.core as mx
 
     cols = W.shape[-1]
     src = getattr(mx, dtype)
-    maxq = float(2 ** bits - 1)
+    if isinstance(bits, (list, tuple)):
+        maxq = mx.array([[float(2 ** b - 1)] for b in bits])   # (E, 1): one per slice
+    else:
+        maxq = float(2 ** bits - 1)
     tiny = float(np.finfo(np.float16).tiny) if dtype == "float16" else 1e-30
     d = mx.diagonal(U, axis1=-2, axis2=-1)[:, None, :]     # (E|1, 1, cols)
     qs, S, B = [], [], []
@@ -130,7 +134,8 @@ def _gptq(W, U, bits: int, group: int, dtype: str):
         for i in range(i2 - i1):
             c = i1 + i
             if c % group == 0:   # scale and bias from the group's columns as updated so far
-                block = W1[..., i:i + group]
+                # a group wider than the lazy block starts at a block start, where `rest` is up to date
+                block = W1[..., i:i + group] if i + group <= i2 - i1 else rest[..., :group]
                 lo, hi = block.min(axis=-1), block.max(axis=-1)
                 span = hi - lo
                 sc = mx.where(span > 0, span / maxq, 1.0).astype(src).astype(mx.float32)
@@ -161,10 +166,10 @@ def gptq_2d(W, H, bits: int, group: int, dtype: str, U=None):
     return np.array(q[0]), np.array(S[0]), np.array(B[0])
 
 
-def _steps(slices: int, rows: int, cols: int, own_factors: bool) -> Iterator[tuple[int, int, int, int]]:
+def _steps(slices: int, rows: int, cols: int, own_factors: bool, copies: int = 1) -> Iterator[tuple[int, int, int, int]]:
     """(e0, e1, r0, r1) steps covering slices x rows, each within WORKSET_BYTES (at least 32 rows): whole
-    slices, as many as fit, or row chunks of one slice."""
-    row_bytes = LIVE_COPIES * cols * 4
+    slices, as many as fit, or row chunks of one slice. `copies`: formats solved together (a copy each)."""
+    row_bytes = LIVE_COPIES * cols * 4 * copies
     u = cols * cols * 4 if own_factors else 0   # a slice's own factor, stacked for the step
     fit = WORKSET_BYTES // (rows * row_bytes + u)
     if fit >= 1:
@@ -241,17 +246,30 @@ class Rounding:
 
     def quantized(self, path: str, w, fmt: Format, keep: bool = True) -> tuple[Any, Any, Any]:
         """GPTQ-rounded (packed uint32 weight, scales, biases) for `w` given in its source dtype."""
-        key = (path, str(fmt))
-        if key in self._cache:
-            return self._cache[key]
-        if not self.uses_gptq(path, fmt) or not applicable(w.shape, fmt):
-            raise ValueError(f"{path}: no GPTQ rounding for {fmt}")
-        out, take_rtn = self._solve(path, w, fmt)
-        self._fell_back[key] = bool(all(take_rtn))
-        nbytes = sum(a.nbytes for a in out)
-        if keep and len(self._cache) < CACHE_ENTRIES and self._cache_bytes + nbytes <= CACHE_BYTES:
-            self._cache[key] = out
-            self._cache_bytes += nbytes
+        return self.quantized_many(path, w, [fmt], keep=keep)[str(fmt)]
+
+    def quantized_many(self, path: str, w, fmts: list, keep: bool = True) -> dict:
+        """`quantized` for several affine formats of one tensor: formats of the same group size are solved
+        together, one pass over the columns for all (same results as one by one)."""
+        out, todo = {}, []
+        for fmt in fmts:
+            key = (path, str(fmt))
+            if key in self._cache:
+                out[str(fmt)] = self._cache[key]
+            elif not self.uses_gptq(path, fmt) or not applicable(w.shape, fmt):
+                raise ValueError(f"{path}: no GPTQ rounding for {fmt}")
+            elif fmt not in todo:
+                todo.append(fmt)
+        for group in sorted({f.group_size for f in todo}):
+            same = [f for f in todo if f.group_size == group]
+            for fmt, (res, take_rtn) in zip(same, self._solve(path, w, same)):
+                key = (path, str(fmt))
+                self._fell_back[key] = bool(all(take_rtn))
+                nbytes = sum(a.nbytes for a in res)
+                if keep and len(self._cache) < CACHE_ENTRIES and self._cache_bytes + nbytes <= CACHE_BYTES:
+                    self._cache[key] = res
+                    self._cache_bytes += nbytes
+                out[str(fmt)] = res
         return out
 
     def _slice_factors(self, path: str, H, slices: int) -> list:
@@ -263,8 +281,9 @@ class Rounding:
             self._factors = (path, [_inverse_cholesky(h) for h in Hs])
         return self._factors[1]
 
-    def _solve(self, path: str, w, fmt: Format):
-        """Packed GPTQ arrays for `w` and, per 2-D slice, whether round-to-nearest was kept instead."""
+    def _solve(self, path: str, w, fmts: list):
+        """Per format (all of one group size): packed GPTQ arrays for `w` and, per 2-D slice, whether
+        round-to-nearest was kept instead."""
         import mlx.core as mx
 
         *lead, rows, cols = w.shape
@@ -278,32 +297,45 @@ class Rounding:
         Us = self._slice_factors(path, H, slices)
         Hs = _f32(H) if H.ndim == 2 else None   # one shared H, converted once
         dtype = str(w.dtype).rsplit(".", 1)[-1]
-        kw = dict(group_size=fmt.group_size, bits=fmt.bits, mode="affine")
-        worse = np.zeros(slices)   # per slice: GPTQ's output error minus round-to-nearest's
-        parts = []                 # per step: (e0, e1, r0, r1, GPTQ's packed arrays)
-        for e0, e1, r0, r1 in _steps(slices, rows, cols, len(Us) > 1):
+        F = len(fmts)
+        kws = [dict(group_size=f.group_size, bits=f.bits, mode="affine") for f in fmts]
+        worse = np.zeros((F, slices))   # per format and slice: GPTQ's output error minus round-to-nearest's
+        parts = []                      # per step: (e0, e1, r0, r1, per format GPTQ's packed arrays)
+        for e0, e1, r0, r1 in _steps(slices, rows, cols, len(Us) > 1, copies=F):
             Wsrc = W3[e0:e1, r0:r1]
-            Uc = Us[0][None] if len(Us) == 1 else mx.stack(Us[e0:e1])
-            q, S, B = _gptq(Wsrc.astype(mx.float32), Uc, fmt.bits, fmt.group_size, dtype)
-            g = (pack(q, fmt.bits), S.astype(w.dtype), B.astype(w.dtype))
-            r = tuple(mx.quantize(Wsrc, **kw))
-            mx.eval(*g, *r)
+            n = e1 - e0
+            Uc = Us[0][None] if len(Us) == 1 else mx.concatenate([mx.stack(Us[e0:e1])] * F)
+            Wf = Wsrc.astype(mx.float32)
+            q, S, B = _gptq(mx.concatenate([Wf] * F) if F > 1 else Wf, Uc,
+                            [f.bits for f in fmts for _ in range(n)] if F > 1 else fmts[0].bits,
+                            fmts[0].group_size, dtype)
+            gs = []
+            for k, fmt in enumerate(fmts):
+                sl = slice(k * n, (k + 1) * n)
+                g = (pack(q[sl], fmt.bits), S[sl].astype(w.dtype), B[sl].astype(w.dtype))
+                r = tuple(mx.quantize(Wsrc, **kws[k]))
+                mx.eval(*g, *r)
+                Hh = Hs if Hs is not None else [H[e] for e in range(e0, e1)]
+                worse[k, e0:e1] += _excess_error(Wsrc, g, r, Hh, kws[k])
+                gs.append(g)
             del q, S, B, Uc
-            worse[e0:e1] += _excess_error(Wsrc, g, r, Hs if Hs is not None else [H[e] for e in range(e0, e1)], kw)
-            parts.append((e0, e1, r0, r1, g))
+            parts.append((e0, e1, r0, r1, gs))
         # never worse than round-to-nearest on the output error GPTQ minimises (matters at 2 bits); its
         # arrays are not kept but quantized again, step by step, for the slices that take them
-        take_rtn = worse > 0
-        pieces: list[list] = [[], [], []]
-        for e0, e1, r0, r1, g in parts:
-            for e in range(e0, e1):
-                arrs = mx.quantize(W3[e, r0:r1], **kw) if take_rtn[e] else [a[e - e0] for a in g]
-                for k in range(3):
-                    pieces[k].append(arrs[k])
+        results = []
+        for k in range(F):
+            take_rtn = worse[k] > 0
+            pieces: list[list] = [[], [], []]
+            for e0, e1, r0, r1, gs in parts:
+                for e in range(e0, e1):
+                    arrs = mx.quantize(W3[e, r0:r1], **kws[k]) if take_rtn[e] else [a[e - e0] for a in gs[k]]
+                    for j in range(3):
+                        pieces[j].append(arrs[j])
+            out = tuple(mx.concatenate(p, axis=0).reshape(*lead, rows, -1) for p in pieces)
+            mx.eval(*out)
+            results.append((out, take_rtn))
         parts.clear()
-        out = tuple(mx.concatenate(p, axis=0).reshape(*lead, rows, -1) for p in pieces)
-        mx.eval(*out)
-        return out, take_rtn
+        return results
 
     def qdq(self, path: str, w, fmt: Format, keep: bool = False):
         """Float32 value of `w` (source dtype) after rounding to `fmt` this way."""

@@ -156,15 +156,38 @@ def recording(model, members: dict):
             set_child(model, m, orig)
 
 
+KEEP_BYTES = 1 << 30  # block Grams kept between sweeps (so later sweeps need not run the float model)
+
+
 class HessianMap:
     """path -> H for every tensor GPTQ can round: global entries (embedding, head) always, block entries
-    for the block a sweep is at (`set_block`)."""
+    for the block a sweep is at (`set_block`). Block entries are also kept for later sweeps (`keep`)
+    while they fit in KEEP_BYTES; a sweep finds them with `kept(i)`."""
 
     def __init__(self, gptq_paths):
         self.paths = set(gptq_paths)
         self.global_: dict = {}
         self.block: dict = {}
         self.block_index: int | None = None
+        self._kept: dict = {}
+        self._kept_bytes = 0
+        self._full = False
+
+    def keep(self, index: int, entries: dict) -> None:
+        nbytes = sum(int(h.rows.nbytes + h.ids.nbytes) if hasattr(h, "rows") else int(h.nbytes)
+                     for h in entries.values())
+        if self._full or self._kept_bytes + nbytes > KEEP_BYTES:
+            self._full = True  # all or nothing past this point: a sweep needs every block's
+            self._kept.clear()
+            return
+        self._kept[index] = dict(entries)
+        self._kept_bytes += nbytes
+
+    def kept(self, index: int) -> dict | None:
+        return self._kept.get(index)
+
+    def kept_all(self, blocks) -> bool:
+        return not self._full and all(i in self._kept for i in blocks)
 
     def set_block(self, index: int | None, entries: dict) -> None:
         self.block_index, self.block = index, dict(entries)

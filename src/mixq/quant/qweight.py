@@ -59,9 +59,29 @@ def round_weight(rounding, path: str, w, fmt: Format) -> QuantizedWeight:
     import mlx.core as mx
 
     if rounding is not None and rounding.uses_gptq(path, fmt):
-        wq, s, b = rounding.quantized(path, w, fmt, keep=False)
+        wq, s, b = rounding.quantized(path, w, fmt)
     else:
         out = mx.quantize(w, **fmt.quant_kwargs())
         wq, s, b = out[0], out[1], (out[2] if len(out) > 2 else None)
     mx.eval(*(a for a in (wq, s, b) if a is not None))
     return QuantizedWeight(fmt=fmt, wq=wq, scales=s, biases=b, cols=int(w.shape[-1]))
+
+
+def round_weights(rounding, path: str, w, fmts: list) -> dict:
+    """`round_weight` for several formats of one tensor (str(format) -> QuantizedWeight): the GPTQ formats
+    solved together (`Rounding.quantized_many`), the others with mlx's round-to-nearest."""
+    import mlx.core as mx
+
+    out, gptq = {}, []
+    for f in fmts:
+        if rounding is not None and rounding.uses_gptq(path, f):
+            gptq.append(f)
+        else:
+            out[str(f)] = round_weight(None, path, w, f)
+    if gptq:
+        solved = rounding.quantized_many(path, w, gptq)  # kept while the cache has room: later sweeps reuse them
+        for f in gptq:
+            wq, s, b = solved[str(f)]
+            mx.eval(wq, s, b)
+            out[str(f)] = QuantizedWeight(fmt=f, wq=wq, scales=s, biases=b, cols=int(w.shape[-1]))
+    return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from mixq.core.formats import Format
 from mixq.core.head import compare_many
 from mixq.quant.hessian import HessianMap, block_members, recording
-from mixq.quant.qweight import QuantizedWeight, round_weight
+from mixq.quant.qweight import QuantizedWeight, round_weight, round_weights
 
 
 @dataclass
@@ -92,6 +92,31 @@ class ForwardSweep:
             return None
         return round_weight(stream.rounding, path, stored[path], f)
 
+    def _solve_block(self, i: int, active: list, stored: dict) -> dict:
+        """Every format the active streams need for block i's tensors, solved once per tensor and rounding
+        (GPTQ formats of one tensor together): (path, format, id(rounding)) -> QuantizedWeight."""
+        out = {}
+        for p in self.by_layer.get(i, []):
+            wanted: dict = {}
+            for s in active:
+                f = s.formats.get(p)
+                if (s.quantized is not None and p in s.quantized.keys()) or f is None or not f.is_quantized:
+                    continue
+                wanted.setdefault(id(s.rounding), (s.rounding, {}))[1][str(f)] = f
+            for rid, (rounding, fmts) in wanted.items():
+                for name, q in round_weights(rounding, p, stored[p], list(fmts.values())).items():
+                    out[(p, name, rid)] = q
+        return out
+
+    @staticmethod
+    def _pick(stream: Stream, path: str, solved: dict):
+        if stream.quantized is not None and path in stream.quantized.keys():
+            return stream.quantized[path]
+        f = stream.formats.get(path)
+        if f is None or not f.is_quantized:
+            return None
+        return solved[(path, str(f), id(stream.rounding))]
+
     def run(self, streams: list[Stream], *, references: list | None = None, grams: bool = False,
             keep_inputs: bool = False, sample_key=None, hessians: HessianMap | None = None,
             on_rounded=None) -> SweepResult:
@@ -120,31 +145,37 @@ class ForwardSweep:
                 mx.eval(s.h)
         del table
         inputs = [] if keep_inputs else None
-        bf = float(len(self.batches) * n)  # the float stream
+        # the float model runs only for what needs it: the reference, labels, block inputs, streams that
+        # branch off later, or Grams not kept from an earlier sweep
+        float_run = references is None or keep_inputs or sample_key is not None or \
+            any(starts[s.name] > 0 for s in streams) or \
+            (grams and hessians is not None and not hessians.kept_all(range(n)))
+        bf = float(len(self.batches) * n) if float_run else 0.0
         block_seconds = []
         for i in range(n):
             tb = time.perf_counter()
-            members = block_members(self.anatomy, i, self.gptq_paths) if grams else {}
+            kept = hessians.kept(i) if grams and hessians is not None else None
+            members = block_members(self.anatomy, i, self.gptq_paths) if grams and kept is None else {}
             with r.resident(i):
                 if keep_inputs:
                     inputs.append(h)
                 h_in = h
-                with recording(r.model, members) as recs:
-                    h = [r.block(i, x) for x in h_in]
-                    for x in h:
-                        mx.eval(x)
+                if float_run:
+                    with recording(r.model, members) as recs:
+                        h = [r.block(i, x) for x in h_in]
+                        for x in h:
+                            mx.eval(x)
                 if hessians is not None and grams:
-                    hessians.set_block(i, {p: rec.hessian() for p, rec in recs.items()
-                                           if rec.hessian() is not None})
+                    hessians.set_block(i, kept if kept is not None else
+                                       {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None})
                 active = [s for s in streams if starts[s.name] <= i]
-                if active:
-                    stored = r.stored(r.layer_prefix(i), r.layers[i])
+                solved = self._solve_block(i, active, r.stored(r.layer_prefix(i), r.layers[i])) if active else {}
                 for s in active:
                     if s.h is None:
                         s.h = h_in
                     over = {}
                     for p in self.by_layer.get(i, []):
-                        q = self._rounded(s, p, stored)
+                        q = self._pick(s, p, solved)
                         if q is None:
                             continue
                         if on_rounded:
@@ -160,12 +191,13 @@ class ForwardSweep:
                 self.progress(i + 1, n, "blocks")
         if hessians is not None:
             hessians.set_block(None, {})
-        final = h
-        hn = [r.norm(x) for x in final]
-        mx.eval(hn)
+        final = h if float_run else None
+        hn = [r.norm(x) for x in final] if float_run else None
+        if hn is not None:
+            mx.eval(hn)
         head = r.head()
         head_gram = None
-        if grams:
+        if grams and float_run:
             for x in hn:
                 rows = x.reshape(-1, x.shape[-1])
                 head_gram = rows.T @ rows if head_gram is None else head_gram + rows.T @ rows
@@ -186,8 +218,9 @@ class ForwardSweep:
                     q = self._rounded(s, r.head_path, {r.head_path: head.weight})
                     if on_rounded:
                         on_rounded(s, r.head_path, q)
-            compared.append((head if q is None else r.head({r.head_path: q}),
-                             hn if s.h is None else [r.norm(x) for x in s.h]))
+            s_hn = [r.norm(x) for x in s.h] if s.h is not None else hn if hn is not None else \
+                [ref.hn for ref in references]  # never branched off: the float model's own
+            compared.append((head if q is None else r.head({r.head_path: q}), s_hn))
             s.h = None
         per = [compare_many([(hd, xs[b]) for hd, xs in compared], references[b], head, targets[b])
                for b in range(len(self.batches))]
