@@ -233,3 +233,14 @@ def test_exact_method_and_its_key(nemotron_dense, tmp_path):
         convert(ConvertOptions(out=str(tmp_path / "x"), sensitivity=str(tmp_path / "e" / "mixq" / "sensitivity.json"),
                                **opts))
     assert not (tmp_path / "x").exists()
+
+
+def test_json_on_stdout_progress_with_eta_on_stderr(nemotron_dense, tmp_path):
+    r = _cli(str(nemotron_dense), "-o", str(tmp_path / "j"), "--samples", "2", "--seq-len", "16",
+             "--heldout-samples", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # nothing but the report on stdout
+    assert report["verify"]["ok"] and report["sensitivity_cost"]["block_forward_equivalents"]
+    for stage in ("calibration forward", "calibration backward + estimates", "evaluate and write", "held-out check"):
+        assert f"{stage}:" in r.stderr and stage in report["seconds"]
+    assert "ETA" in r.stderr and "elapsed" in r.stderr

@@ -97,6 +97,18 @@ def _validation_error(e: ValidationError) -> APIError:
     return APIError(f"{loc}: {text}" if loc else text, param=str(field[0]) if field else None)
 
 
+def translated_chat_request(chat: dict) -> P.ChatCompletionRequest:
+    """A chat request built from another API's request (Anthropic Messages, Responses), checked like one."""
+    try:
+        out = P.ChatCompletionRequest.model_validate(chat)
+    except ValueError as e:
+        raise APIError(str(e).splitlines()[-1] if str(e) else "invalid request") from None
+    problem = out.problem(chat)
+    if problem is not None:
+        raise APIError(problem[1], param=problem[0])
+    return out
+
+
 class Serving:
     """The engine and settings behind every route."""
 

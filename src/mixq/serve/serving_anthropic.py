@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from mixq.serve import protocol as P
 from mixq.serve.errors import APIError
 from mixq.serve.render_parts import CALL, REASONING, TEXT, Parts, call_input
-from mixq.serve.serving import Serving
+from mixq.serve.serving import Serving, translated_chat_request
 
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -160,14 +160,7 @@ def to_chat(req: MessagesRequest) -> P.ChatCompletionRequest:
             tc.type, {"type": "function", "function": {"name": tc.name}})
         if tc.disable_parallel_tool_use:
             chat["parallel_tool_calls"] = False
-    try:
-        out = P.ChatCompletionRequest.model_validate(chat)
-    except ValueError as e:
-        raise APIError(str(e).splitlines()[-1] if str(e) else "invalid request") from None
-    problem = out.problem(chat)
-    if problem is not None:
-        raise APIError(problem[1], param=problem[0])
-    return out
+    return translated_chat_request(chat)
 
 
 class MessageRender:

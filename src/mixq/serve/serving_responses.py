@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from mixq.serve import protocol as P
 from mixq.serve.errors import APIError, error_body
 from mixq.serve.render_parts import CALL, REASONING, TEXT, Parts
-from mixq.serve.serving import Serving
+from mixq.serve.serving import Serving, translated_chat_request
 
 UNSUPPORTED = ("previous_response_id", "conversation", "prompt", "background")
 
@@ -152,14 +152,7 @@ def to_chat(req: ResponsesRequest, raw: dict) -> P.ChatCompletionRequest:
         chat["response_format"] = {"type": f.type} if f.type == "json_object" else {
             "type": "json_schema", "json_schema": {"name": f.name or "response", "schema": f.schema_,
                                                    "strict": f.strict}}
-    try:
-        out = P.ChatCompletionRequest.model_validate(chat)
-    except ValueError as e:
-        raise APIError(str(e).splitlines()[-1] if str(e) else "invalid request") from None
-    problem = out.problem(chat)
-    if problem is not None:
-        raise APIError(problem[1], param=problem[0])
-    return out
+    return translated_chat_request(chat)
 
 
 class ResponseRender:
