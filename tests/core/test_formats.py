@@ -233,3 +233,20 @@ def test_quantize_dequantize(shape):
 def test_quantize_dequantize_rejects_inapplicable():
     with pytest.raises(MixqError, match="does not apply"):
         quantize_dequantize(mx.zeros((8, 96)), Format.affine(4, 64))
+
+
+@pytest.mark.parametrize("spec", ["mxfp4", "nvfp4", "mxfp8", "4:64"])
+def test_quantize_in_row_chunks_equals_mlx(monkeypatch, spec):
+    # microscaled formats are quantized a few rows at a time (mlx's CPU path holds ~20x its input); the
+    # words and scales must be exactly mx.quantize's, for stacked experts too
+    from mixq.core import formats
+
+    fmt = Format.parse(spec)
+    w = mx.random.normal((3, 50, 128), key=mx.random.key(1)).astype(mx.bfloat16)
+    monkeypatch.setattr(formats, "QUANTIZE_CHUNK", 7 * 128)  # 7 rows a step: steps cross the expert boundary
+    got = formats.quantize(w, fmt)
+    want = mx.quantize(w, **fmt.quant_kwargs())
+    assert len([a for a in got if a is not None]) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert mx.array_equal(a, b).item()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixq.core.formats import Format
+from mixq.core.formats import Format, quantize
 
 
 @dataclass
@@ -61,8 +61,7 @@ def round_weight(rounding, path: str, w, fmt: Format) -> QuantizedWeight:
     if rounding is not None and rounding.uses_gptq(path, fmt):
         wq, s, b = rounding.quantized(path, w, fmt)
     else:
-        out = mx.quantize(w, **fmt.quant_kwargs())
-        wq, s, b = out[0], out[1], (out[2] if len(out) > 2 else None)
+        wq, s, b = quantize(w, fmt)
     mx.eval(*(a for a in (wq, s, b) if a is not None))
     return QuantizedWeight(fmt=fmt, wq=wq, scales=s, biases=b, cols=int(w.shape[-1]))
 
