@@ -186,6 +186,25 @@ def test_dry_run_sizes_everything_and_writes_nothing(nemotron_moe, tmp_path):
     assert t["candidates"]["float"] > t["candidates"]["4:64"] > t["candidates"]["2:64"]
 
 
+def test_auto_streams_a_large_model_or_a_short_machine(nemotron_moe, monkeypatch):
+    # resident only when the stored model is small and leaves ample room; streamed otherwise
+    from mixq.quant import preflight as pre
+
+    def plan(stream_weights="auto"):
+        return convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True,
+                                      stream_weights=stream_weights, **SMALL))["preflight"]
+
+    small = plan()
+    assert small["stream_weights"] is False and "weights (stored dtype)" in small["memory"]
+    monkeypatch.setattr(pre, "STREAM_ABOVE", small["stored_bytes"] - 1)
+    big = plan()
+    assert big["stream_weights"] is True and "weights (stored dtype)" not in big["memory"]
+    assert plan("off")["stream_weights"] is False
+    monkeypatch.setattr(pre, "STREAM_ABOVE", 1 << 40)
+    monkeypatch.setenv("MIXQ_AVAILABLE_MEMORY", str(int(small["peak_bytes"] * 1.2)))
+    assert plan()["stream_weights"] is True  # would not leave ample room
+
+
 def test_infeasible_target_refused_before_any_pass(nemotron_moe, tmp_path):
     with pytest.raises(MixqError, match=r"infeasible.*feasible range is \d\.\d+ to \d+\.\d+ bpw"):
         convert(ConvertOptions(model=str(nemotron_moe), out=str(tmp_path / "x"), target_bpw=2.0,

@@ -15,6 +15,7 @@ from mixq.core.errors import MixqError
 from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
 from mixq.quant.plan import candidate_items, fixed_bytes
 
+STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto streams
 PROCESS_BASE = 600 << 20     # python, mlx, tokenizer, code (measured RSS before any weight: ~0.5 GB)
 GPTQ_CHUNK = 256 << 20       # row-chunk working set of one GPTQ call (mixq.quant.gptq)
 
@@ -183,8 +184,9 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         streaming = True
     elif stream_weights == "off":
         streaming = False
-    else:  # keep the stored model resident only when it leaves ample room
-        streaming = avail is not None and stored + sum(mem.values()) > 0.6 * avail
+    else:  # resident only for a small model that leaves ample room: a pass reads each block once, a cost
+        # small next to the pass's compute, while a resident copy costs the model's whole size
+        streaming = stored > STREAM_ABOVE or (avail is not None and stored + sum(mem.values()) > 0.6 * avail)
     if not streaming:
         mem["weights (stored dtype)"] = stored
     return Preflight(tensors=tensors, fixed_bytes=fixed, params=params, stored_bytes=stored, min_bytes=lo,
