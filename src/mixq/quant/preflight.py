@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from mixq.core.errors import MixqError
 from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
+from mixq.core.head import CHUNK_BYTES, LOGITS_BYTES
 from mixq.quant.plan import candidate_items, fixed_bytes
 
 STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto streams
@@ -168,7 +169,10 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     tokens = samples * seq_len
     act = 4 * tokens * hidden
     n_blocks = len(per_block)
-    head_rows = min(vocab, max(256, (128 << 20) // (4 * max(hidden, 1))))
+    # the head runs in vocabulary chunks (core.head): a chunk's logits ~6 times (mlx and numpy copies, p, d)
+    # and its rows in float32, for the reference and the compared head
+    positions = batch_size * seq_len
+    head_rows = min(vocab, max(256, min(CHUNK_BYTES // (4 * max(hidden, 1)), LOGITS_BYTES // (4 * positions))))
     mem = {
         "process": PROCESS_BASE,
         "block in float32": 4 * biggest + 2 * biggest,   # the compute copy and the stored read it is cast from
@@ -177,7 +181,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         "second moments": grams + 4 * tokens * top_k * hidden * 2,
         "estimator rows": est_rows,
         "rounding": _rounding_bytes(anatomy, candidates),
-        "head": 2 * vocab * hidden + 4 * batch_size * seq_len * head_rows * 3,
+        "head": 2 * vocab * hidden + 6 * 4 * positions * head_rows + 2 * 4 * head_rows * hidden,
     }
     avail = available_memory() if available == -1 else available
     if stream_weights == "on":
