@@ -83,8 +83,8 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
                 bf += 3
                 if on_batch:
                     on_batch(i, recs, dict(zip(order, vjps[1:])))
-            if on_block:
-                on_block(i, recs)
+        if on_block:  # after the block's float copy is let go: what it does (GPTQ) needs the room
+            on_block(i, recs)
         fwd.inputs[i] = None  # this block's inputs are no longer needed
         block_seconds[i] = time.perf_counter() - tb
         if progress:

@@ -205,10 +205,10 @@ class Calibration:
                 for p in recs:
                     if p not in self.by_path or f"t:{p}" in self.store.done or p not in H:
                         continue
-                    w32 = stored[p].astype(mx.float32)
-                    fmts = self._pairs(self.by_path[p])
-                    costs = {f: _round(stats.estimate(p, H[p], w32 - q.full(mx.float32)))
-                             for f, q in round_weights(self.rounding, p, stored[p], fmts).items()}
+                    solved = round_weights(self.rounding, p, stored[p], self._pairs(self.by_path[p]))
+                    w32 = stored[p].astype(mx.float32)  # made after the solve, whose peak it would add to
+                    costs = {f: _round(stats.estimate(p, H[p], w32 - q.full(mx.float32))) for f, q in solved.items()}
+                    del solved, w32
                     self.store.add({"id": f"t:{p}", "path": p, "estimates": costs})
                     t = self.by_path[p]
                     # the estimate's matmul against a block forward: in/rows of the layer's own forward
