@@ -229,7 +229,7 @@ def bits_per_weight(fmt: Format, source_dtype: Any = "bfloat16") -> float:
 
 
 # -- quantization ---------------------------------------------------------------------------------
-QUANTIZE_CHUNK = 1 << 20  # elements a microscaled format is quantized at a time (mlx's CPU path holds ~40x)
+QUANTIZE_CHUNK = 1 << 20  # elements a microscaled format is quantized at a time (see `quantize`)
 
 
 def quantize(w, fmt: Format) -> tuple:

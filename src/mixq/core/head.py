@@ -24,6 +24,11 @@ LOGITS_BYTES = 32 << 20   # float32 logits of one chunk (its temporaries are a f
 NUMPY_ON_CPU = True       # per-element KL work in numpy when mlx computes on the CPU
 
 
+def chunk_rows(dim: int, positions: int) -> int:
+    """Head rows per vocabulary chunk: at most CHUNK_BYTES of float32 rows and LOGITS_BYTES of logits."""
+    return max(256, min(CHUNK_BYTES // (4 * max(dim, 1)), LOGITS_BYTES // (4 * max(positions, 1))))
+
+
 class Head:
     """`weight` (V, d) in any float dtype, or a `QuantizedWeight` (rows dequantized per chunk)."""
 
@@ -33,12 +38,11 @@ class Head:
         self.weight, self.bias = weight, bias
         self.compute = compute or mx.float32
         self.vocab, self.dim = int(weight.shape[0]), int(weight.shape[-1])
-        self._max_rows = max(256, CHUNK_BYTES // (4 * max(self.dim, 1)))
         self.bounds = self.bounds_for(1)
 
     def bounds_for(self, positions: int) -> list:
         """Vocabulary chunks for `positions` rows of hidden states: bounded weight rows and logits."""
-        rows = max(256, min(self._max_rows, LOGITS_BYTES // (4 * max(positions, 1))))
+        rows = chunk_rows(self.dim, positions)
         return [(a, min(a + rows, self.vocab)) for a in range(0, self.vocab, rows)]
 
     def rows(self, a: int, b: int):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from mixq.core.errors import MixqError
 from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
-from mixq.core.head import CHUNK_BYTES, LOGITS_BYTES
+from mixq.core.head import chunk_rows
 from mixq.quant.plan import candidate_items, fixed_bytes
 
 STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto streams
@@ -172,7 +172,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     # the head runs in vocabulary chunks (core.head): a chunk's logits ~6 times (mlx and numpy copies, p, d)
     # and its rows in float32, for the reference and the compared head
     positions = batch_size * seq_len
-    head_rows = min(vocab, max(256, min(CHUNK_BYTES // (4 * max(hidden, 1)), LOGITS_BYTES // (4 * positions))))
+    head_rows = min(vocab, chunk_rows(hidden, positions))
     mem = {
         "process": PROCESS_BASE,
         "block in float32": 4 * biggest + 2 * biggest,   # the compute copy and the stored read it is cast from
