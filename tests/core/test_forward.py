@@ -81,10 +81,18 @@ def test_chunked_head_matches_full_vocabulary(monkeypatch, chunk_bytes, numpy_on
     assert mx.allclose(got["nll"], _full_stats(zq, targets)[2], atol=1e-4).item()
     # the log-likelihood cotangent: (onehot - softmax) @ W
     labels = mx.array(rng.integers(0, 1000, (2, 7)).astype(np.int32))
-    g = head.loglik_cotangent(hn, labels, ref.lse)
+    fisher = []
+    g = head.loglik_cotangent(hn, labels, ref.lse, fisher=fisher)
     direct = mx.grad(lambda h: mx.take_along_axis(nn_log_softmax(h @ W.astype(mx.float32).T), labels[..., None],
                                                   axis=-1).sum())(hn)
     assert mx.allclose(g, direct, atol=1e-4).item()
+    # the head's Fisher diagonal over these positions: sum_t p (1 - p) per vocabulary row
+    p = mx.softmax(zp, axis=-1).reshape(-1, zp.shape[-1])
+    assert len(fisher) == 1 and mx.allclose(fisher[0], (p * (1 - p)).sum(axis=0), rtol=1e-4, atol=1e-6).item()
+    # labels drawn with the reference's statistics are the ones `sample` draws with the same key
+    both = head.reference(hn, targets, sample_key=mx.random.key(3))
+    assert mx.array_equal(both.labels, head.sample(hn, mx.random.key(3))).item()
+    assert mx.array_equal(both.lse, ref.lse).item() and mx.array_equal(both.argmax, ref.argmax).item()
 
 
 def nn_log_softmax(z):

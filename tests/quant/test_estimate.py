@@ -12,6 +12,7 @@ from mixq.core.formats import parse_candidates
 from mixq.core.modelio import load
 from mixq.quant.backward import backward_sweep
 from mixq.quant.calibpass import Calibration, make_rounding
+from mixq.quant.estimate import head_estimate, near_formats, rounded_estimates
 from mixq.quant.plan import candidate_items
 from mixq.quant.sensitivity import FORMAT, fit_calibration, load_sensitivity
 from mixq.quant.sweep import ForwardSweep
@@ -80,9 +81,10 @@ def test_estimate_tracks_exact_kl(both):
     assert spearmanr(e, x)[0] > 0.98
     ratio = np.log(e / x)
     assert abs(np.median(ratio)) < 0.2 and np.percentile(np.abs(ratio), 90) < np.log(2.0)
-    # the head is measured exactly by both methods
-    exact_head = {f: v for f, v in ex["tensors"]["lm_head.weight"]["costs"].items() if f != "float"}
-    assert est["tensors"]["lm_head.weight"]["estimates"] == pytest.approx(exact_head, rel=1e-4)
+    # the head role is calibrated by exact KLs: the same numbers the exact method measures at those formats
+    exact_head = ex["tensors"]["lm_head.weight"]["costs"]
+    points = est["calibration"]["head"]["points"]
+    assert points and all(p["exact"] == pytest.approx(exact_head[p["format"]], rel=1e-4) for p in points)
 
 
 def test_estimate_costs_a_fraction_of_the_exact_pass(both):
@@ -103,11 +105,16 @@ def test_calibration_fit_is_stated_and_applied(both):
         kind = est["tensors"][p["path"]]["kind"]
         c = cal["kinds"][kind]["c"]
         assert est["tensors"][p["path"]]["costs"][p["format"]] == pytest.approx(p["estimate"] * c, rel=1e-4)
-    # every block kind has a factor; the head keeps its exact numbers
+    # every block kind has a factor; the head's own factor is fitted on its formats nearest the target
     kinds = {v["kind"] for v in est["tensors"].values() if v["layer"] is not None}
     assert kinds <= set(cal["kinds"])
-    assert est["tensors"]["lm_head.weight"]["costs"] == {**est["tensors"]["lm_head.weight"]["estimates"],
-                                                         "float": 0.0}
+    head = est["tensors"]["lm_head.weight"]
+    assert head["costs"] == {**head["estimates"], "float": 0.0}
+    near = near_formats(head["shape"], [f for f in CANDS if f.is_quantized], 4.5, head["dtype"])
+    assert [p["format"] for p in cal["head"]["points"]] == [str(f) for f in near] and len(near) == 2
+    assert cal["head"]["n"] == 2 and cal["head"]["c"] > 0
+    for p in cal["head"]["points"]:
+        assert head["costs"][p["format"]] == pytest.approx(p["estimate"] * cal["head"]["c"], rel=1e-4)
 
 
 def test_fit_calibration_shrinks_and_pools():
@@ -135,3 +142,85 @@ def test_method_is_in_the_key_and_resume(nemotron_dense, tmp_path):
     load_sensitivity(f, {**key, "method": full["method"]})
     with pytest.raises(MixqError, match="different settings \\(method\\)"):
         load_sensitivity(f, {**key, "method": other["method"]})
+
+
+@pytest.mark.parametrize("with_cheap", [False, True])
+def test_rounded_estimates_solve_gptq_near_the_target_and_scale_the_rest(with_cheap):
+    """GPTQ only at the near formats, estimated in full there; every other format is its round-to-nearest
+    estimate (the cheap form when given) times the ratio at the nearest near format: GPTQ's full over
+    round-to-nearest's for affine formats, round-to-nearest's full over its cheap one for microscaled."""
+    from mixq.quant.gptq import Rounding
+    from mixq.quant.qweight import round_weight
+
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.standard_normal((48, 128)).astype(np.float32)).astype(mx.bfloat16)
+    x = rng.standard_normal((512, 128)).astype(np.float32) * np.linspace(0.2, 3, 128, dtype=np.float32)
+    H = mx.array(x.T @ x)
+    rounding = Rounding({"w": H})
+    fmts = parse_candidates("2:64,3:64,4:64,4:128,mxfp4,6:64,8:64")
+    near = near_formats(w.shape, fmts, 4.75, "bfloat16")
+    assert [str(f) for f in near] == ["4:64", "6:64"]
+    w32 = w.astype(mx.float32)
+
+    def est(q):
+        d = w32 - q.full(mx.float32)
+        return (((d @ H) * d).sum().item(), float(mx.abs(d).sum().item()))
+
+    def diag(q):
+        d = w32 - q.full(mx.float32)
+        return (((d ** 2) @ mx.diagonal(H)).sum().item(), float(mx.abs(d).sum().item()))
+
+    cheap = diag if with_cheap else est
+    seen = []
+    got = rounded_estimates(rounding, "w", w, fmts, near, est, cheap=diag if with_cheap else None,
+                            on_solved=lambda f, q: seen.append(str(f)))
+    assert seen == ["4:64", "6:64"] and set(got) == {str(f) for f in fmts}
+    solved = {str(f): est(round_weight(rounding, "w", w, f)) for f in fmts}
+    rtn = {str(f): est(round_weight(None, "w", w, f)) for f in fmts}
+    low = {str(f): cheap(round_weight(None, "w", w, f)) for f in fmts}
+    for f in ("4:64", "6:64"):
+        assert got[f] == pytest.approx(solved[f], rel=1e-6)
+    gain = {f: [a / b for a, b in zip(solved[f], low[f])] for f in ("4:64", "6:64")}
+    for f, src in (("2:64", "4:64"), ("3:64", "4:64"), ("4:128", "4:64"), ("8:64", "6:64")):
+        assert got[f] == pytest.approx([a * k for a, k in zip(low[f], gain[src])], rel=1e-6)
+    k = [a / b for a, b in zip(rtn["4:64"], low["4:64"])]
+    assert got["mxfp4"] == pytest.approx([a * c for a, c in zip(low["mxfp4"], k)], rel=1e-6)
+    assert solved["4:64"][0] < rtn["4:64"][0]  # GPTQ did lower the output error it minimises
+
+
+def test_cheap_estimate_is_the_full_one_when_inputs_are_uncorrelated():
+    """The diagonal form equals the full one exactly when A is diagonal, and on real recorded inputs it
+    differs from it (the off-diagonal terms it drops are not zero)."""
+    from mixq.quant.estimate import FisherStats
+
+    stats = FisherStats(100)
+    rng = np.random.default_rng(2)
+    stats.gd["w"] = mx.array(rng.random(16).astype(np.float32))
+    dW = mx.array(rng.standard_normal((16, 32)).astype(np.float32))
+    Hd = mx.diag(mx.array(rng.random(32).astype(np.float32)))
+    assert stats.cheap_estimate("w", Hd, dW) == pytest.approx(stats.estimate("w", Hd, dW), rel=1e-5)
+    X = rng.standard_normal((200, 32)).astype(np.float32) + 2.0  # a shared mean: correlated inputs
+    Hc = mx.array(X.T @ X)
+    assert stats.cheap_estimate("w", Hc, dW) != pytest.approx(stats.estimate("w", Hc, dW), rel=1e-2)
+
+
+def test_head_estimate_is_the_fisher_form_in_either_input_form():
+    """1/(2N^2) sum_i G_i (dW A dW^T)_ii, chunk by chunk, equal from the Gram or from the rows themselves."""
+    from mixq.core.formats import Format
+    from mixq.quant.qweight import round_weight
+
+    rng = np.random.default_rng(1)
+    W = mx.array(rng.standard_normal((3000, 64)).astype(np.float32))
+    X = mx.array(rng.standard_normal((2, 10, 64)).astype(np.float32))
+    G = mx.array(rng.random(3000).astype(np.float32))
+    q = round_weight(None, "w", W, Format.parse("3:64"))
+    d = W - q.full(mx.float32)
+    rows = X.reshape(-1, 64)
+    A = rows.T @ rows
+    want = float((G * ((d @ A) * d).sum(-1)).sum().item()) / (2 * 20 * 20)
+    assert head_estimate(G, A, W, q, 20) == pytest.approx(want, rel=1e-4)
+    assert head_estimate(G, None, W, q, 20, rows=[X[:1], X[1:]]) == pytest.approx(want, rel=1e-4)
+    # the cheap form: A's diagonal only, from the Gram or from the rows
+    cheap = float((G * ((d ** 2) @ mx.diagonal(A))).sum().item()) / (2 * 20 * 20)
+    assert head_estimate(G, A, W, q, 20, diagonal=True) == pytest.approx(cheap, rel=1e-4)
+    assert head_estimate(G, None, W, q, 20, rows=[X[:1], X[1:]], diagonal=True) == pytest.approx(cheap, rel=1e-4)

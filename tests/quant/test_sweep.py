@@ -113,5 +113,23 @@ def test_grams_recorded_in_the_sweep_are_the_layer_inputs(nemotron_moe):
         k = lm.config["num_experts_per_tok"]
         rows = sum((x.reshape(-1, x.shape[-1]) ** 2).sum().item() for x in xs) * k
     assert total == pytest.approx(rows, rel=1e-4)
+    # layers fed one input (q/k/v) get its Gram, computed once
+    q = next(t for t in candidate_items(a) if t.path.endswith("q_proj.weight"))
+    with r.resident(q.layer):
+        X = mx.concatenate([r.layers[q.layer].norm(h).reshape(-1, h.shape[-1]) for h in res.inputs[q.layer]])
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert mx.allclose(seen[q.path.replace("q_proj", name)], X.T @ X, rtol=1e-4, atol=1e-3).item()
     # and the model is left without wrappers
     assert not any(type(m).__name__ == "Recorder" for _, m in lm.model.named_modules())
+    # gram_blocks: only those blocks' Grams are recorded
+    seen.clear()
+    got = {}
+
+    def spy2(i, entries):
+        if i is not None:
+            got[i] = set(entries)
+        orig(i, entries)
+
+    H.set_block = spy2
+    ForwardSweep(r, a, tokens, batch_size=2, gptq_paths=paths).run([], grams=True, hessians=H, gram_blocks={q.layer})
+    assert {i for i, e in got.items() if e} == {q.layer}

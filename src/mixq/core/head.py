@@ -62,22 +62,27 @@ class Head:
         return mx.concatenate([self.chunk(hn, a, b) for a, b in self.bounds_for(_positions(hn))], axis=-1)
 
     # -- streamed statistics ----------------------------------------------------------------------
-    def reference(self, hn, targets=None) -> "Reference":
-        """lse, argmax and next-token log-prob per position of the logits of `hn` (…, d)."""
+    def reference(self, hn, targets=None, sample_key=None) -> "Reference":
+        """lse, argmax and next-token log-prob per position of the logits of `hn` (…, d); with `sample_key`,
+        also one label per position drawn from them (the same chunks: no second projection)."""
         import mlx.core as mx
 
         lse = _Lse()
-        best_v = best_i = tgt = None
-        for a, b in self.bounds_for(_positions(hn)):
+        best_v = best_i = tgt = sv = si = None
+        bounds = self.bounds_for(_positions(hn))
+        keys = None if sample_key is None else mx.random.split(sample_key, len(bounds))
+        for c, (a, b) in enumerate(bounds):
             z = self.chunk(hn, a, b)
             lse.add(z)
             best_v, best_i = _argmax_merge(best_v, best_i, z, a)
             if targets is not None:
                 tgt = _gather_in(tgt, z, targets, a, b)
-            mx.eval(lse.m, lse.s, best_v, best_i, *(() if tgt is None else (tgt,)))
+            if keys is not None:  # Gumbel-max over the chunks, one key per chunk
+                sv, si = _argmax_merge(sv, si, z + mx.random.gumbel(shape=z.shape, key=keys[c]), a)
+            mx.eval(lse.m, lse.s, best_v, best_i, *(x for x in (tgt, sv, si) if x is not None))
         out = lse.value()
         nll = None if targets is None else out - tgt
-        return Reference(hn=hn, lse=out, argmax=best_i, nll=nll)
+        return Reference(hn=hn, lse=out, argmax=best_i, nll=nll, labels=si)
 
     def compare(self, hn, ref: "Reference", ref_head: "Head", targets=None) -> dict:
         """Per position: KL(ref || this head on hn), argmax agreement, next-token NLL (if targets)."""
@@ -85,23 +90,16 @@ class Head:
 
     def sample(self, hn, key):
         """One label per position drawn from softmax(logits) (Gumbel-max over the chunks, keyed)."""
-        import mlx.core as mx
+        return self.reference(hn, sample_key=key).labels
 
-        bounds = self.bounds_for(_positions(hn))
-        keys = mx.random.split(key, len(bounds))
-        best_v = best_i = None
-        for c, (a, b) in enumerate(bounds):
-            z = self.chunk(hn, a, b)
-            g = mx.random.gumbel(shape=z.shape, key=keys[c])
-            best_v, best_i = _argmax_merge(best_v, best_i, z + g, a)
-            mx.eval(best_v, best_i)
-        return best_i
-
-    def loglik_cotangent(self, hn, labels, lse):
-        """d/d hn of sum over positions of log softmax(logits)[label]: sum_c (onehot - p)_c W_c."""
+    def loglik_cotangent(self, hn, labels, lse, fisher=None):
+        """d/d hn of sum over positions of log softmax(logits)[label]: sum_c (onehot - p)_c W_c. With
+        `fisher` (a list), appends the head's Fisher diagonal over these positions, sum_t p_tc (1 - p_tc)
+        per vocabulary row: the expectation of the squared cotangent over labels drawn from p."""
         import mlx.core as mx
 
         g = mx.zeros(hn.shape, dtype=mx.float32)
+        diag = []
         on_cpu = NUMPY_ON_CPU and mx.default_device() == mx.cpu
         for a, b in self.bounds_for(_positions(hn)):
             z = self.chunk(hn, a, b)
@@ -112,7 +110,13 @@ class Head:
             inside = (labels >= a) & (labels < b)
             onehot = (mx.arange(a, b) == labels[..., None]) & inside[..., None]
             g = g + (onehot.astype(p.dtype) - p) @ self.rows(a, b)
+            if fisher is not None:
+                p2 = p.reshape(-1, b - a)
+                diag.append((p2 * (1.0 - p2)).sum(axis=0))
+                mx.eval(diag[-1])
             mx.eval(g)
+        if fisher is not None:
+            fisher.append(mx.concatenate(diag))
         return g
 
 
@@ -199,10 +203,11 @@ class Reference:
     lse: object     # (…,) log-sum-exp of the logits
     argmax: object  # (…,) int
     nll: object | None = None  # (…,) -log p(next token), when targets were given
+    labels: object | None = None  # (…,) labels drawn from the distribution, when a key was given
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in (self.hn, self.lse, self.argmax, self.nll) if a is not None)
+        return sum(int(a.nbytes) for a in (self.hn, self.lse, self.argmax, self.nll, self.labels) if a is not None)
 
 
 def _positions(hn) -> int:

@@ -26,23 +26,29 @@ from mixq.quant.hessian import block_members, recording
 @dataclass
 class BackwardResult:
     embed_grads: list      # per batch: d loglik / d (embedding output), (b, L, d) float32
+    head_fisher: object    # (vocab,) sum over positions of p (1 - p) per head row (the head's Fisher diagonal)
     block_forwards: float
     seconds: float
     block_seconds: list    # per block (index order), estimates included
 
 
-def head_cotangents(runner, fwd) -> list:
-    """Per batch: d loglik(sampled labels) / d (final hidden before the norm)."""
+def head_cotangents(runner, fwd) -> tuple:
+    """Per batch: d loglik(sampled labels) / d (final hidden before the norm); and the head's Fisher
+    diagonal over all positions (from the same chunks of probabilities)."""
     import mlx.core as mx
 
     head = runner.head()
-    out = []
+    out, fisher = [], []
     for h, ref, labels in zip(fwd.final, fwd.references, fwd.labels):
-        g_hn = head.loglik_cotangent(ref.hn, labels, ref.lse)
+        g_hn = head.loglik_cotangent(ref.hn, labels, ref.lse, fisher=fisher)
         _, (g,) = mx.vjp(lambda x: runner.norm(x), [h], [g_hn])
         mx.eval(g)
         out.append(g)
-    return out
+    total = fisher[0]
+    for f in fisher[1:]:
+        total = total + f
+    mx.eval(total)
+    return out, total
 
 
 def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=None,
@@ -51,7 +57,7 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
 
     t0 = time.perf_counter()
     n = runner.num_blocks
-    grads = head_cotangents(runner, fwd)
+    grads, head_fisher = head_cotangents(runner, fwd)
     bf = 0.0
     block_seconds = [0.0] * n
     for i in reversed(range(n)):
@@ -89,5 +95,5 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
         block_seconds[i] = time.perf_counter() - tb
         if progress:
             progress(n - i, n, "blocks")
-    return BackwardResult(embed_grads=grads, block_forwards=bf, seconds=time.perf_counter() - t0,
+    return BackwardResult(embed_grads=grads, head_fisher=head_fisher, block_forwards=bf, seconds=time.perf_counter() - t0,
                           block_seconds=block_seconds)

@@ -2,12 +2,18 @@
 windows feed the reference distribution, the Hessians GPTQ rounds against, the sensitivity estimates and
 the exact subset that calibrates them (see `mixq.quant.sensitivity` for the methods).
 
-forward sweep   float reference (lse, argmax, next-token NLL per position), every block's input, labels
-                sampled from the model, the head's input Gram, and the exact subset's streams (each one
-                tensor at one format, from its block on), GPTQ-rounded against this sweep's block Grams
+forward sweep   float reference (lse, argmax, next-token NLL per position) and labels sampled from the
+                model (one head projection), every block's input, the head's input Gram, and the exact
+                subset's streams (each one tensor at one format, from its block on), GPTQ-rounded against
+                this sweep's block Grams
 backward sweep  per block: input Grams (GPTQ), per-position inputs and output gradients -> every
-                (tensor, format) estimate; at the end the embedding's Fisher
-then            embedding estimates, the head's exact KL per format, the per-kind calibration fit
+                (tensor, format) estimate; at the end the embedding's Fisher; the head's Fisher diagonal
+then            embedding and head estimates (the head role calibrated by its exact KL at the formats
+                nearest the target), the per-kind calibration fit
+
+Estimates take the rounding that will be written, but GPTQ is solved only at the formats nearest the
+target (`mixq.quant.estimate.rounded_estimates`): the others are round-to-nearest estimates scaled by the
+gain GPTQ measured there. Solving every format was most of the estimate stage's time.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import time
 from mixq.core.formats import Format, applicable, bits_per_weight, tensor_bytes
 from mixq.core.head import compare_many
 from mixq.quant.backward import backward_sweep
-from mixq.quant.estimate import ESTIMATOR, FisherStats, embedding_estimate
+from mixq.quant.estimate import (ESTIMATOR, FisherStats, embedding_estimate, head_estimate, near_formats,
+                                 rounded_estimates)
 from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, normalised_sum
 from mixq.quant.plan import candidate_items
 from mixq.quant.qweight import round_weights
@@ -25,7 +32,8 @@ from mixq.quant.sensitivity import METHODS, Partial, _round, fit_calibration, ki
 from mixq.quant.sweep import ForwardSweep, Stream
 
 SUBSET_BUDGET = 0.03   # exact subset: at most this fraction of the exact pass's block-forwards
-SUBSET_INSTANCES = 1   # exact subset: the deepest instance(s) of each tensor kind
+SUBSET_INSTANCES = 1   # exact subset: the deepest instance(s) of each tensor kind ...
+SUBSET_FORMATS = 1     # ... at the format(s) nearest the target (below it first)
 HEAD_GROUP_BYTES = 512 << 20  # packed heads compared against one computation of the reference's chunks
 GPTQ_TYPES = ("Linear", "SwitchLinear", "Embedding")
 
@@ -120,13 +128,13 @@ class Calibration:
 
     # -- the exact subset ------------------------------------------------------------------------------
     def subset(self) -> list[tuple[str, Format]]:
-        """The deepest instance of every block tensor kind, at the two candidate formats around the target;
+        """The deepest instance of every block tensor kind, at the candidate format nearest the target;
         the most expensive points dropped (never a kind's last) until it costs <= SUBSET_BUDGET of the pass."""
         n = self.runner.num_blocks
         fmts = sorted(self.candidates, key=lambda f: bits_per_weight(f))
         below = [f for f in fmts if bits_per_weight(f) <= self.target]
         above = [f for f in fmts if bits_per_weight(f) > self.target]
-        around = ([below[-1]] if below else []) + ([above[0]] if above else [])
+        around = (([below[-1]] if below else []) + ([above[0]] if above else []))[:SUBSET_FORMATS]
         by_kind: dict = {}
         for t in self.items:
             if t.layer is not None:
@@ -163,13 +171,15 @@ class Calibration:
 
         self._stage("calibration forward")
         streams = [Stream(f"{p}|{f}", {p: f}, self.rounding) for p, f in subset]
+        # Grams only where a subset stream is rounded: the backward sweep records every block's
         fwd = self._sweep().run(streams, grams=self.hessians is not None, hessians=self.hessians,
-                                keep_inputs=True, sample_key=mx.random.key(self.seed))
+                                keep_inputs=True, sample_key=mx.random.key(self.seed),
+                                gram_blocks={self.by_path[p].layer for p, _ in subset})
         nb = len(fwd.references)
         self.block_seconds["calibration forward"] = [round(x, 3) for x in fwd.block_seconds]
-        # reference and label sampling: a head projection each; comparisons: the reference's again + one a stream
+        # reference and label sampling: one head projection; comparisons: the reference's again + one a stream
         self._done("calibration forward", fwd.block_forwards +
-                   nb * self.head_units * (2 + (1 + len(streams) if streams else 0)))
+                   nb * self.head_units * (1 + (1 + len(streams) if streams else 0)))
         self._head_gram = fwd.head_gram
         self.references = fwd.references  # later sweeps on these windows compare against them
         if self.hessians is not None and not self.runner.tied and self.runner.head_path in self.hessians.paths:
@@ -205,15 +215,25 @@ class Calibration:
                 for p in recs:
                     if p not in self.by_path or f"t:{p}" in self.store.done or p not in H:
                         continue
-                    solved = round_weights(self.rounding, p, stored[p], self._pairs(self.by_path[p]))
-                    w32 = stored[p].astype(mx.float32)  # made after the solve, whose peak it would add to
-                    costs = {f: _round(stats.estimate(p, H[p], w32 - q.full(mx.float32))) for f, q in solved.items()}
-                    del solved, w32
-                    self.store.add({"id": f"t:{p}", "path": p, "estimates": costs})
                     t = self.by_path[p]
+                    fmts = self._pairs(t)
+                    near = near_formats(t.shape, fmts, self.target, self.source_dtypes.get(p, t.dtype))
+                    w32 = []  # made at the first estimate, after the GPTQ solve, whose peak it would add to
+
+                    def est(q, p=p, w32=w32, cheap=False):
+                        if not w32:
+                            w32.append(stored[p].astype(mx.float32))
+                        form = stats.cheap_estimate if cheap else stats.estimate
+                        return (form(p, H[p], w32[0] - q.full(mx.float32)),)
+
+                    parts = rounded_estimates(self.rounding, p, stored[p], fmts, near, est,
+                                              cheap=lambda q, est=est: est(q, cheap=True))
+                    costs = {f: _round(v[0]) for f, v in parts.items()}
+                    del w32[:]
+                    self.store.add({"id": f"t:{p}", "path": p, "estimates": costs})
                     # the estimate's matmul against a block forward: in/rows of the layer's own forward
                     reach = min(1.0, t.shape[-1] / max(1, self.n_positions))
-                    est_units[0] += len(costs) * t.params / max(1, block_params) * len(fwd.references) * reach
+                    est_units[0] += 2 * len(near) * t.params / max(1, block_params) * len(fwd.references) * reach
                 stats.gd.clear(), stats.rows.clear()
             if self.hessians is not None:
                 self.hessians.set_block(None, {})
@@ -221,6 +241,7 @@ class Calibration:
         res = backward_sweep(r, self.anatomy, fwd, gptq_paths=set(self.by_path), on_batch=on_batch,
                              on_block=on_block, progress=self.progress)
         nb = len(fwd.references)
+        self._head_fisher = res.head_fisher
         self.block_seconds["calibration backward"] = [round(x, 3) for x in res.block_seconds]
         # the head's cotangent: one projection for the softmax, one for the product with the weight
         self._done("calibration backward" + (" + estimates" if estimate else ""),
@@ -244,11 +265,10 @@ class Calibration:
         self.hessians.global_[emb] = fisher
 
     def outside_blocks(self, fwd, grads: list) -> dict:
-        """Every candidate format of the embedding and the head: the head role measured exactly (a head-only
-        KL), the lookup role estimated (method estimate; the exact method measures the embedding in its
-        own stream). A tied table gets both roles summed."""
-        import mlx.core as mx
-
+        """Every candidate format of the embedding and the head. Method estimate: the lookup role's
+        per-position estimate and the head role's Fisher estimate, the head role calibrated by its exact
+        KL (a head-only KL) at the formats nearest the target; method exact: the head measured exactly at
+        every format (the embedding is measured in its own stream). A tied table gets both roles summed."""
         self._stage("embedding and head")
         r = self.runner
         emb, head_path = f"{r.embed_path}.weight", r.head_path
@@ -257,50 +277,85 @@ class Calibration:
                   and (p == head_path or estimate)]
         out: dict = {}
         units = 0.0
-        nb = len(fwd.references)
-        head = r.head()
-        batches = self._sweep().batches
         for path in wanted:
-            stored = head.weight if path == head_path else r.embed_table()
-            fmts = self._pairs(self.by_path[path])
-            totals = dict.fromkeys(map(str, fmts), 0.0)
-            group: list = []
-
-            def flush():
-                # the head role: the reference's chunks computed once for a group of formats
-                nonlocal units
-                units += nb * self.head_units
-                for ref in fwd.references:
-                    res = compare_many([(r.head({head_path: q}), ref.hn) for _, q in group], ref, head)
-                    for (f, _), got in zip(group, res):
-                        totals[str(f)] += got["kl"].sum().item()
-                group.clear()
-
-            t = self.by_path[path]
-            batch: list = []   # formats rounded together: GPTQ ones in one pass, packed results within a bound
-            for k, f in enumerate(fmts):
-                batch.append(f)
-                if k + 1 < len(fmts) and sum(tensor_bytes(t.shape, g, t.dtype) for g in batch + [fmts[k + 1]]) \
-                        <= HEAD_GROUP_BYTES:
-                    continue
-                solved = round_weights(self.rounding, path, stored, batch)
-                for g in batch:
-                    q = solved[str(g)]
-                    if path == emb and estimate:
-                        totals[str(g)] += embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32),
-                                                             q, 1)
-                    if path == head_path:
-                        group.append((g, q))
-                        units += nb * self.head_units
-                del solved
-                batch = []
-                if group:
-                    flush()
-            costs = {f: _round(v / self.n_positions) for f, v in totals.items()}
+            if estimate:
+                costs, fit, u = self._outside_estimated(path, fwd, grads)
+            else:
+                costs, fit, u = self._head_exact(path, fwd), None, 0.0
+                units += len(fwd.references) * self.head_units * (len(costs) + 1)
+            units += u
             out[path] = costs
-            self.store.add({"id": f"t:{path}", "path": path, "estimates": costs})
+            self.store.add({"id": f"t:{path}", "path": path, "estimates": costs, **({"head_fit": fit} if fit else {})})
         self._done("embedding and head", units)
         return out
+
+    def _outside_estimated(self, path: str, fwd, grads: list) -> tuple:
+        import mlx.core as mx
+
+        r = self.runner
+        emb, head_path = f"{r.embed_path}.weight", r.head_path
+        head = r.head()
+        t = self.by_path[path]
+        stored = head.weight if path == head_path else r.embed_table()
+        fmts = self._pairs(t)
+        near = near_formats(t.shape, fmts, self.target, self.source_dtypes.get(path, t.dtype))
+        batches = self._sweep().batches
+        N, nb = self.n_positions, len(fwd.references)
+        rows = [ref.hn for ref in fwd.references] if t.shape[-1] > N else None
+        is_head = path == head_path
+
+        def est(q, cheap=False):
+            lookup = embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, N) \
+                if path == emb else 0.0
+            role = head_estimate(self._head_fisher, self._head_gram, stored, q, N, rows, diagonal=cheap) \
+                if is_head else 0.0
+            return (lookup, role)
+
+        measured: list = []   # the near formats as written: the head role's exact KL calibrates its estimate
+        parts = rounded_estimates(self.rounding, path, stored, fmts, near, est, cheap=lambda q: est(q, cheap=True),
+                                  on_solved=(lambda f, q: measured.append((f, q))) if is_head else None)
+        units = 0.0
+        fit = None
+        if measured:
+            totals = dict.fromkeys((str(f) for f, _ in measured), 0.0)
+            for ref in fwd.references:
+                res = compare_many([(r.head({head_path: q}), ref.hn) for _, q in measured], ref, head)
+                for (f, _), got in zip(measured, res):
+                    totals[str(f)] += got["kl"].sum().item()
+            units += nb * self.head_units * (1 + len(measured))
+            points = [(path, f, parts[f][1], v / N) for f, v in totals.items()]
+            fit = fit_calibration(points, {path: "head"})["kinds"]["head"]
+            fit["points"] = [{"format": f, "estimate": _round(e), "exact": _round(x)} for _, f, e, x in points]
+        measured.clear()
+        c = fit["c"] if fit else 1.0
+        # the estimates' own matmuls, in head projections: width/positions of one each (rows: one each)
+        reach = 1.0 if rows is not None else min(1.0, t.shape[-1] / max(1, N))
+        units += nb * self.head_units * reach * 2 * len(near) if is_head else 0.0
+        return {f: _round(lk + c * hr) for f, (lk, hr) in parts.items()}, fit, units
+
+    def _head_exact(self, path: str, fwd) -> dict:
+        """The head at every candidate format, each measured exactly (groups of packed heads compared
+        against one computation of the reference's chunks)."""
+        r = self.runner
+        head = r.head()
+        t = self.by_path[path]
+        fmts = self._pairs(t)
+        totals = dict.fromkeys(map(str, fmts), 0.0)
+        batch: list = []
+        for k, f in enumerate(fmts):
+            batch.append(f)
+            if k + 1 < len(fmts) and sum(tensor_bytes(t.shape, g, t.dtype) for g in batch + [fmts[k + 1]]) \
+                    <= HEAD_GROUP_BYTES:
+                continue
+            solved = round_weights(self.rounding, path, head.weight, batch)
+            group = [(g, solved[str(g)]) for g in batch]
+            for ref in fwd.references:
+                res = compare_many([(r.head({path: q}), ref.hn) for _, q in group], ref, head)
+                for (g, _), got in zip(group, res):
+                    totals[str(g)] += got["kl"].sum().item()
+            del solved, group
+            batch = []
+        return {f: _round(v / self.n_positions) for f, v in totals.items()}
 
     def exact_blocks(self, fwd) -> None:
         """The exact method: every (block tensor | embedding, format) pair measured, one sweep per block
@@ -365,6 +420,9 @@ class Calibration:
             block_kinds = {p: k for p, k in self.kinds.items() if self.by_path[p].layer is not None}
             calib = fit_calibration(points, block_kinds)
             calib["points"] = [{"path": p, "format": f, "estimate": e, "exact": _round(x)} for p, f, e, x in points]
+            head_rec = self.store.done.get(f"t:{self.runner.head_path}", {})
+            if "head_fit" in head_rec:  # the head role's own factor, already applied to its costs
+                calib["head"] = head_rec["head_fit"]
             for p, v in costs.items():
                 if p in block_kinds:
                     c = calib["kinds"][block_kinds[p]]["c"]

@@ -10,7 +10,9 @@ of the rounding that will really be written (GPTQ where used). A is the Gram GPT
 (dW A dW^T)_ii is formed as dW A (out x in^2) or, where the layer sees fewer rows than it has inputs
 (routed experts, very wide inputs), from the rows themselves (rows x in x out). Embeddings are looked up,
 not multiplied, so theirs is the per-position form sum_t (g_t . dE[token_t])^2, exact in its cross terms.
-The head is measured exactly (a head-only KL costs two head projections).
+The head's output Fisher is known exactly per position (diag(p) - p p^T for logits); its diagonal
+sum_t p_ti (1 - p_ti) takes G's place, calibrated by the head's exact KL at the formats near the target.
+GPTQ is solved only at those formats; the others are scaled from round-to-nearest (`rounded_estimates`).
 
 Measured on the demo models against exact KL, the per-position form and this one rank all pairs alike
 (Spearman 0.999 / 0.998); the diagonal-output form misprices whole tensor kinds by a constant (value
@@ -74,6 +76,23 @@ class FisherStats:
         return float(total.item()) / (2 * self.n_positions)
 
 
+    def cheap_estimate(self, path: str, H, dW) -> float:
+        """`estimate` with A's diagonal only: sum_j dW_ij^2 A_jj in place of (dW A dW^T)_ii, for
+        round-to-nearest errors, which are near independent across inputs (no matmul with A or the rows)."""
+        import mlx.core as mx
+
+        gd = self.gd[path]
+        if hasattr(H, "rows"):
+            diag = mx.zeros((gd.shape[0], H.rows.shape[-1])).at[H.ids].add(H.rows ** 2)
+            ysq = ((dW.astype(mx.float32) ** 2) @ diag[..., None])[..., 0]
+            counts = mx.zeros((gd.shape[0],)).at[H.ids].add(mx.ones(H.ids.shape))
+            total = ((gd * ysq).sum(axis=-1) / mx.maximum(counts, 1.0)).sum()
+        else:
+            ysq = (dW.astype(mx.float32) ** 2) @ mx.diagonal(H).astype(mx.float32)
+            total = (gd * ysq).sum() / self.n_positions
+        return float(total.item()) / (2 * self.n_positions)
+
+
 def embedding_estimate(grads: list, tokens: list, table_rows, q, n_positions: int) -> float:
     """The embedding's rows as looked up at every position: dW x_t = the rounded row's error."""
     import mlx.core as mx
@@ -84,3 +103,116 @@ def embedding_estimate(grads: list, tokens: list, table_rows, q, n_positions: in
         total = total + ((g * d).sum(axis=-1) ** 2).sum()
         mx.eval(total)
     return float(total.item()) / (2 * n_positions)
+
+
+def near_formats(shape, fmts: list, target_bpw: float, source_dtype) -> list:
+    """The affine formats of `fmts` this tensor can take that sit nearest the target in bits per weight:
+    the largest at or below it and the smallest above (one if the target is outside the range)."""
+    from mixq.core.formats import applicable, bits_per_weight
+
+    aff = sorted((f for f in fmts if f.mode == "affine" and applicable(shape, f)),
+                 key=lambda f: (bits_per_weight(f, source_dtype), -f.group_size))
+    below = [f for f in aff if bits_per_weight(f, source_dtype) <= target_bpw]
+    above = [f for f in aff if bits_per_weight(f, source_dtype) > target_bpw]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+
+def _nearest(f, solved: list):
+    """The solved format closest to `f` in bits, then in group size."""
+    import math
+
+    return min(solved, key=lambda g: (abs(g.bits - f.bits), abs(math.log2(g.group_size / f.group_size)), g.bits))
+
+
+def rounded_estimates(rounding, path: str, w, fmts: list, near: list, estimate, cheap=None,
+                      on_solved=None) -> dict:
+    """str(format) -> the estimate's components (a tuple of floats) for `w` rounded to each format as the
+    convert would write it, without solving GPTQ, or forming the full estimate, for every format.
+
+    GPTQ is solved at the `near` formats (the ones the allocator picks around the target) and estimated
+    in full there. Every other format is rounded to nearest and estimated by `cheap` (default: `estimate`),
+    then scaled per component by the ratio measured at the nearest near format: GPTQ's full estimate over
+    round-to-nearest's cheap one for formats GPTQ applies to, round-to-nearest's full over its cheap one
+    for those it does not (microscaled formats, no Hessian; at a near format they get the full estimate).
+    `estimate`, `cheap`: QuantizedWeight -> tuple; `on_solved(fmt, QuantizedWeight)` sees each near
+    format as written."""
+    from mixq.quant.qweight import round_weight, round_weights
+
+    given = cheap is not None
+    cheap = cheap or estimate
+    gptq = [f for f in fmts if rounding is not None and rounding.uses_gptq(path, f)]
+    near = [f for f in near if f in fmts]
+    use = [f for f in near if f in gptq]
+    plain_far = [f for f in fmts if f not in gptq and f not in near]
+    # near formats whose full round-to-nearest estimate scales a plain format's cheap one
+    wanted = {_nearest(f, near) for f in plain_far} if near and given else set()
+    full, low, rtn_full = {}, {}, {}
+    if use:
+        solved = round_weights(rounding, path, w, use)
+        for f in use:
+            q = solved.pop(str(f))
+            full[f] = estimate(q)
+            if on_solved is not None:
+                on_solved(f, q)
+            del q
+    for f in fmts:
+        q = round_weight(None, path, w, f)
+        if f in near and f not in use:   # a near format written round-to-nearest
+            if on_solved is not None:
+                on_solved(f, q)
+            full[f] = rtn_full[f] = estimate(q)
+        elif f in wanted:
+            rtn_full[f] = estimate(q)
+        low[f] = cheap(q) if given or f not in rtn_full else rtn_full[f]
+        del q
+
+    def scaled(f, top, n):
+        return tuple(x * (a / b if b > 0 else 1.0) for x, a, b in zip(low[f], top[n], low[n]))
+
+    out = {}
+    for f in fmts:
+        if f in full:
+            out[str(f)] = full[f]
+        elif f in gptq and use:
+            out[str(f)] = scaled(f, full, _nearest(f, use))
+        elif f in plain_far and wanted:
+            out[str(f)] = scaled(f, rtn_full, _nearest(f, near))
+        else:
+            out[str(f)] = low[f]
+    return out
+
+
+def head_estimate(G, A, weight, q, n_positions: int, rows=None, diagonal: bool = False) -> float:
+    """The head role's Fisher estimate, 1/(2N) sum_i G_i (dW A dW^T)_ii / N, with G the head's Fisher
+    diagonal (sum_t p_ti (1 - p_ti)) and A the Gram of its input; taken a chunk of head rows at a time.
+    With `rows` (the inputs themselves, when there are fewer than the head's width) sum_t (dW x_t)^2;
+    `diagonal`: A's diagonal only (sum_j dW_ij^2 A_jj, the cheap form for round-to-nearest errors)."""
+    import mlx.core as mx
+
+    from mixq.core.head import chunk_rows
+
+    V, d = int(weight.shape[0]), int(weight.shape[-1])
+    if diagonal:
+        if rows is not None:
+            a_diag = sum(((x.reshape(-1, d).astype(mx.float32)) ** 2).sum(axis=0) for x in rows)
+        else:
+            a_diag = mx.diagonal(A).astype(mx.float32)
+        rows, A = None, None
+    step = chunk_rows(d, n_positions if rows is not None else d)
+    total = 0.0
+    A32 = None if rows is not None or diagonal else A.astype(mx.float32)
+    for a in range(0, V, step):
+        b = min(a + step, V)
+        dW = weight[a:b].astype(mx.float32) - q.rows(a, b, mx.float32)
+        if diagonal:
+            ysq = (dW ** 2) @ a_diag
+        elif rows is not None:
+            ysq = mx.zeros((b - a,))
+            for x in rows:
+                ysq = ysq + ((x.reshape(-1, d) @ dW.T) ** 2).sum(axis=0)
+        else:
+            ysq = ((dW @ A32) * dW).sum(axis=-1)
+        part = (G[a:b] * ysq).sum()
+        mx.eval(part)
+        total += float(part.item())
+    return total / (2 * n_positions * n_positions)

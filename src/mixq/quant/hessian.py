@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from mixq.core.errors import MixqError
 
 FISHER_SAMPLES = 1  # label draws per calibration batch (mlx RNG keyed by the seed)
+SHARED_GRAM_BYTES = 128 << 20  # layers fed the same input share its Gram up to this size
 
 
 def child(root, path: str):
@@ -92,9 +93,10 @@ def _recorder_class():
         keeping its routed rows (SwitchLinear). `probe`, when set, is added to the output: the gradient
         with respect to it is the gradient with respect to the layer's output (the backward sweep)."""
 
-        def __init__(self, inner, experts: int | None):
+        def __init__(self, inner, experts: int | None, shared: dict | None = None):
             super().__init__()
             self.inner = inner
+            self._shared = shared if shared is not None else {}  # the last input's Gram, by identity
             self._experts = experts
             self._gram = None
             self._rows: list = []
@@ -111,8 +113,14 @@ def _recorder_class():
             xf = mx.stop_gradient(x).astype(mx.float32)
             self.last_input = xf
             if self._experts is None:
-                rows = xf.reshape(-1, x.shape[-1])
-                g = rows.T @ rows
+                if self._shared.get("x") is x:  # q/k/v, gate/up: one input, one Gram
+                    g = self._shared["g"]
+                else:
+                    rows = xf.reshape(-1, x.shape[-1])
+                    g = rows.T @ rows
+                    self._shared.clear()
+                    if 4 * x.shape[-1] ** 2 <= SHARED_GRAM_BYTES:  # held until the next input
+                        self._shared.update(x=x, g=g)
                 self._gram = g if self._gram is None else self._gram + g
             else:
                 idx = args[0] if args else kwargs["indices"]
@@ -144,14 +152,16 @@ def recording(model, members: dict):
     modules = {m for m, _ in members.values()}
     originals = {m: child(model, m) for m in modules}
     by_module = {}
+    shared: dict = {}
     for p, (m, experts) in members.items():
         if m not in by_module:
-            by_module[m] = Recorder(originals[m], experts)
+            by_module[m] = Recorder(originals[m], experts, shared)
     for m, r in by_module.items():
         set_child(model, m, r)
     try:
         yield {p: by_module[m] for p, (m, _) in members.items()}
     finally:
+        shared.clear()
         for m, orig in originals.items():
             set_child(model, m, orig)
 

@@ -6,7 +6,9 @@ Two methods, both fed by the same calibration sweeps (`mixq.quant.calibpass`):
   estimate (default)  the Fisher estimate of every pair (`mixq.quant.estimate`) from one backward sweep,
                       then a stated subset of pairs measured exactly (the deepest instance of every
                       tensor kind at the formats around the target) calibrates it per kind:
-                      est_kind = c_kind x est. The head is measured exactly for every format.
+                      est_kind = c_kind x est. The head role is estimated the same way (its Fisher
+                      diagonal and input Gram) and calibrated by its exact KL at the formats nearest
+                      the target.
   exact               every pair measured: the tensor rounded, the blocks from its own on re-run for every
                       calibration window (one sweep per block, all its pairs as streams side by side).
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from mixq.core.errors import MixqError
 
 FORMAT = "mixq-sensitivity/1"
-METHODS = {"estimate": "estimate-kfac-v2", "exact": "kl-exact-v3"}
+METHODS = {"estimate": "estimate-kfac-v3", "exact": "kl-exact-v3"}
 
 
 def _round(x: float) -> float:

@@ -119,11 +119,11 @@ class ForwardSweep:
 
     def run(self, streams: list[Stream], *, references: list | None = None, grams: bool = False,
             keep_inputs: bool = False, sample_key=None, hessians: HessianMap | None = None,
-            on_rounded=None) -> SweepResult:
+            on_rounded=None, gram_blocks=None) -> SweepResult:
         """Run the float stream and `streams`; compare each stream with the float reference (computed here
         unless `references` is given). `hessians` receives each block's float Grams (grams=True) before
         the streams of that block are rounded. `on_rounded(stream, path, QuantizedWeight)` sees every
-        rounded tensor (the writer)."""
+        rounded tensor (the writer). `gram_blocks`: the blocks whose Grams are recorded (default all)."""
         import mlx.core as mx
 
         t0 = time.perf_counter()
@@ -155,7 +155,8 @@ class ForwardSweep:
         for i in range(n):
             tb = time.perf_counter()
             kept = hessians.kept(i) if grams and hessians is not None else None
-            members = block_members(self.anatomy, i, self.gptq_paths) if grams and kept is None else {}
+            record = grams and (gram_blocks is None or i in gram_blocks)
+            members = block_members(self.anatomy, i, self.gptq_paths) if record and kept is None else {}
             with r.resident(i):
                 if keep_inputs:
                     inputs.append(h)
@@ -203,12 +204,12 @@ class ForwardSweep:
                 head_gram = rows.T @ rows if head_gram is None else head_gram + rows.T @ rows
             mx.eval(head_gram)
         targets = [targets_of(x) for x in self.batches]
-        if references is None:
-            references = [head.reference(x, t) for x, t in zip(hn, targets)]
-        labels = None
-        if sample_key is not None:
-            keys = mx.random.split(sample_key, len(hn))
-            labels = [head.sample(x, k) for x, k in zip(hn, keys)]
+        keys = [None] * len(self.batches) if sample_key is None else mx.random.split(sample_key, len(hn))
+        if references is None:  # labels drawn from the same chunks of logits as the reference's statistics
+            references = [head.reference(x, t, sample_key=k) for x, t, k in zip(hn, targets, keys)]
+            labels = [ref.labels for ref in references] if sample_key is not None else None
+        else:
+            labels = None if sample_key is None else [head.sample(x, k) for x, k in zip(hn, keys)]
         compared = []
         for s in streams:
             q = None
