@@ -250,3 +250,20 @@ def test_quantize_in_row_chunks_equals_mlx(monkeypatch, spec):
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("spec", ["3:64", "5:32", "6:128", "mxfp4", "nvfp4", "mxfp8"])
+def test_dequantize_in_row_chunks_equals_mlx(monkeypatch, spec):
+    # mlx's CPU dequantize holds several times its float32 output (3/5/6 bits): done a few rows at a time,
+    # the values must be exactly mx.dequantize's, for stacked experts too, in any output dtype
+    from mixq.core import formats
+
+    fmt = Format.parse(spec)
+    w = mx.random.normal((3, 50, 128), key=mx.random.key(2)).astype(mx.bfloat16)
+    q = formats.quantize(w, fmt)
+    monkeypatch.setattr(formats, "DEQUANTIZE_CHUNK", 7 * 128)  # 7 rows a step: steps cross the expert boundary
+    for dtype in (mx.float32, mx.bfloat16):
+        got = formats.dequantize(*q, fmt, dtype)
+        want = mx.dequantize(*q, dtype=dtype, **fmt.quant_kwargs())
+        assert got.shape == want.shape == w.shape and got.dtype == want.dtype
+        assert mx.array_equal(got, want).item()

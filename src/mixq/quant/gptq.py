@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mixq.core.formats import Format, applicable, quantize_dequantize
+from mixq.core.formats import Format, applicable, dequantize, quantize_dequantize
 
 GPTQ_VERSION = "gptq-v3"
 DAMP = 0.01   # fraction of mean(diag H) added to the diagonal: keeps H invertible, standard in GPTQ
@@ -339,13 +339,10 @@ class Rounding:
 
     def qdq(self, path: str, w, fmt: Format, keep: bool = False):
         """Float32 value of `w` (source dtype) after rounding to `fmt` this way."""
-        import mlx.core as mx
-
         if not self.uses_gptq(path, fmt):
             return quantize_dequantize(w, fmt)
         wq, s, b = self.quantized(path, w, fmt, keep=keep)
-        return mx.dequantize(wq, s, b, group_size=fmt.group_size, bits=fmt.bits, mode="affine",
-                             dtype=mx.float32)
+        return dequantize(wq, s, b, fmt)
 
 
 RTN = Rounding()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mixq.core.formats import Format, quantize
+from mixq.core.formats import Format, dequantize, quantize
 
 
 @dataclass
@@ -30,9 +30,7 @@ class QuantizedWeight:
         return sum(int(a.nbytes) for a in (self.wq, self.scales, self.biases) if a is not None)
 
     def _deq(self, wq, scales, biases, dtype):
-        import mlx.core as mx
-
-        return mx.dequantize(wq, scales, biases, dtype=dtype or mx.float32, **self.fmt.quant_kwargs())
+        return dequantize(wq, scales, biases, self.fmt, dtype)
 
     def full(self, dtype=None):
         return self._deq(self.wq, self.scales, self.biases, dtype)
