@@ -24,10 +24,10 @@ def _tokens(n=8, length=64, seed=0):
     return mx.array(np.random.default_rng(seed).integers(1, 500, size=(n, length)).astype(np.int32))
 
 
-def _measure(path, method, tokens=None, **kw):
+def _measure(path, method, tokens=None, rounding="gptq", **kw):
     lm = load(path, compute_dtype=None, lazy=True)
     a = describe(lm.model, lm.config)
-    rounding, H = make_rounding(a, "gptq")
+    rounding, H = make_rounding(a, rounding)
     cal = Calibration(lm.runner(), a, _tokens() if tokens is None else tokens, CANDS, rounding=rounding,
                       hessians=H, method=method, target_bpw=4.5, source_dtypes=lm.source_dtypes, batch_size=4, **kw)
     return cal.run()
@@ -224,3 +224,14 @@ def test_head_estimate_is_the_fisher_form_in_either_input_form():
     cheap = float((G * ((d ** 2) @ mx.diagonal(A))).sum().item()) / (2 * 20 * 20)
     assert head_estimate(G, A, W, q, 20, diagonal=True) == pytest.approx(cheap, rel=1e-4)
     assert head_estimate(G, None, W, q, 20, rows=[X[:1], X[1:]], diagonal=True) == pytest.approx(cheap, rel=1e-4)
+
+
+def test_estimate_without_gptq_has_the_heads_input_gram(nemotron_dense):
+    """--rounding rtn records no GPTQ Grams; the head estimate still gets its input's Gram (more positions
+    than the head is wide, so the Gram form is taken) and is calibrated on round-to-nearest heads."""
+    est = _measure(nemotron_dense, "estimate", rounding="rtn")
+    head = est["tensors"]["lm_head.weight"]
+    assert 8 * 64 > head["shape"][-1]
+    assert [p["format"] for p in est["calibration"]["head"]["points"]] == \
+        [str(f) for f in near_formats(head["shape"], [f for f in CANDS if f.is_quantized], 4.5, head["dtype"])]
+    assert all(v > 0 for f, v in head["costs"].items() if f != "float")

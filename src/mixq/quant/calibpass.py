@@ -38,6 +38,11 @@ HEAD_GROUP_BYTES = 512 << 20  # packed heads compared against one computation of
 GPTQ_TYPES = ("Linear", "SwitchLinear", "Embedding")
 
 
+def _gram(x):
+    rows = x.reshape(-1, x.shape[-1])
+    return rows.T @ rows
+
+
 def gptq_paths(anatomy, rounding: str) -> list:
     if rounding != "gptq":
         return []
@@ -181,6 +186,9 @@ class Calibration:
         self._done("calibration forward", fwd.block_forwards +
                    nb * self.head_units * (1 + (1 + len(streams) if streams else 0)))
         self._head_gram = fwd.head_gram
+        if self._head_gram is None and self.method == "estimate":  # --rounding rtn: no Grams, the head's A
+            self._head_gram = sum(_gram(ref.hn) for ref in fwd.references)
+            mx.eval(self._head_gram)
         self.references = fwd.references  # later sweeps on these windows compare against them
         if self.hessians is not None and not self.runner.tied and self.runner.head_path in self.hessians.paths:
             self.hessians.global_[self.runner.head_path] = fwd.head_gram
@@ -281,8 +289,7 @@ class Calibration:
             if estimate:
                 costs, fit, u = self._outside_estimated(path, fwd, grads)
             else:
-                costs, fit, u = self._head_exact(path, fwd), None, 0.0
-                units += len(fwd.references) * self.head_units * (len(costs) + 1)
+                (costs, u), fit = self._head_exact(path, fwd), None
             units += u
             out[path] = costs
             self.store.add({"id": f"t:{path}", "path": path, "estimates": costs, **({"head_fit": fit} if fit else {})})
@@ -333,14 +340,15 @@ class Calibration:
         units += nb * self.head_units * reach * 2 * len(near) if is_head else 0.0
         return {f: _round(lk + c * hr) for f, (lk, hr) in parts.items()}, fit, units
 
-    def _head_exact(self, path: str, fwd) -> dict:
+    def _head_exact(self, path: str, fwd) -> tuple:
         """The head at every candidate format, each measured exactly (groups of packed heads compared
-        against one computation of the reference's chunks)."""
+        against one computation of the reference's chunks); and its cost in block forwards."""
         r = self.runner
         head = r.head()
         t = self.by_path[path]
         fmts = self._pairs(t)
         totals = dict.fromkeys(map(str, fmts), 0.0)
+        units = 0.0
         batch: list = []
         for k, f in enumerate(fmts):
             batch.append(f)
@@ -353,9 +361,10 @@ class Calibration:
                 res = compare_many([(r.head({path: q}), ref.hn) for _, q in group], ref, head)
                 for (g, _), got in zip(group, res):
                     totals[str(g)] += got["kl"].sum().item()
+            units += len(fwd.references) * self.head_units * (1 + len(group))
             del solved, group
             batch = []
-        return {f: _round(v / self.n_positions) for f, v in totals.items()}
+        return {f: _round(v / self.n_positions) for f, v in totals.items()}, units
 
     def exact_blocks(self, fwd) -> None:
         """The exact method: every (block tensor | embedding, format) pair measured, one sweep per block

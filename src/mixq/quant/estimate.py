@@ -63,34 +63,37 @@ class FisherStats:
                 y = mx.gather_mm(H.rows[a:a + step][:, None, :], dW.swapaxes(-1, -2), rhs_indices=ids)[:, 0, :]
                 ysq = ysq.at[ids].add(y ** 2)
                 mx.eval(ysq)
-            counts = mx.zeros((gd.shape[0],)).at[H.ids].add(mx.ones(H.ids.shape))
-            total = ((gd * ysq).sum(axis=-1) / mx.maximum(counts, 1.0)).sum()
         elif path in self.rows:
             ysq = mx.zeros((dW.shape[0],))
             for x in self.rows[path]:
                 ysq = ysq + ((x @ dW.T) ** 2).sum(axis=0)
-            total = (gd * ysq).sum() / self.n_positions
         else:
             ysq = ((dW @ H.astype(mx.float32)) * dW).sum(axis=-1)
+        return self._total(path, H, ysq)
+
+    def _total(self, path: str, H, ysq) -> float:
+        """1/(2N) sum_i G_i ysq_i / n: n the positions, or per routed expert the rows it saw."""
+        import mlx.core as mx
+
+        gd = self.gd[path]
+        if hasattr(H, "rows"):
+            counts = mx.zeros((gd.shape[0],)).at[H.ids].add(mx.ones(H.ids.shape))
+            total = ((gd * ysq).sum(axis=-1) / mx.maximum(counts, 1.0)).sum()
+        else:
             total = (gd * ysq).sum() / self.n_positions
         return float(total.item()) / (2 * self.n_positions)
-
 
     def cheap_estimate(self, path: str, H, dW) -> float:
         """`estimate` with A's diagonal only: sum_j dW_ij^2 A_jj in place of (dW A dW^T)_ii, for
         round-to-nearest errors, which are near independent across inputs (no matmul with A or the rows)."""
         import mlx.core as mx
 
-        gd = self.gd[path]
         if hasattr(H, "rows"):
-            diag = mx.zeros((gd.shape[0], H.rows.shape[-1])).at[H.ids].add(H.rows ** 2)
+            diag = mx.zeros((self.gd[path].shape[0], H.rows.shape[-1])).at[H.ids].add(H.rows ** 2)
             ysq = ((dW.astype(mx.float32) ** 2) @ diag[..., None])[..., 0]
-            counts = mx.zeros((gd.shape[0],)).at[H.ids].add(mx.ones(H.ids.shape))
-            total = ((gd * ysq).sum(axis=-1) / mx.maximum(counts, 1.0)).sum()
         else:
             ysq = (dW.astype(mx.float32) ** 2) @ mx.diagonal(H).astype(mx.float32)
-            total = (gd * ysq).sum() / self.n_positions
-        return float(total.item()) / (2 * self.n_positions)
+        return self._total(path, H, ysq)
 
 
 def embedding_estimate(grads: list, tokens: list, table_rows, q, n_positions: int) -> float:
@@ -200,7 +203,7 @@ def head_estimate(G, A, weight, q, n_positions: int, rows=None, diagonal: bool =
         rows, A = None, None
     step = chunk_rows(d, n_positions if rows is not None else d)
     total = 0.0
-    A32 = None if rows is not None or diagonal else A.astype(mx.float32)
+    A32 = None if rows is not None or A is None else A.astype(mx.float32)
     for a in range(0, V, step):
         b = min(a + step, V)
         dW = weight[a:b].astype(mx.float32) - q.rows(a, b, mx.float32)
