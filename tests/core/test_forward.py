@@ -47,6 +47,25 @@ def test_overrides_and_swap_put_weights_back(nemotron_dense):
     assert mx.array_equal(r.run(TOKENS), before).item()
 
 
+def test_relax_lets_go_of_computed_copies_and_keeps_overrides(nemotron_dense):
+    lm = load(nemotron_dense, compute_dtype=None, lazy=True)
+    r = lm.runner()
+    q_path, k_path = (r.layer_prefix(1) + f"mixer.{n}_proj.weight" for n in ("q", "k"))
+    h = r.embed(TOKENS)
+    zeros = mx.zeros(r.stored(r.layer_prefix(1))[k_path].shape)
+    with r.resident(1, {k_path: zeros}):
+        out = r.block(1, h)
+        mx.eval(out)
+        held = r.layers[1].mixer.q_proj.weight
+        r.relax(1)
+        # a new (unevaluated) compute-dtype copy of the stored weight; the override stays
+        assert r.layers[1].mixer.q_proj.weight is not held
+        assert r.layers[1].mixer.q_proj.weight.dtype == mx.float32
+        assert r.layers[1].mixer.k_proj.weight is zeros
+        assert mx.array_equal(r.block(1, h), out).item()
+    assert r.layers[1].mixer.q_proj.weight.dtype == r.stored(r.layer_prefix(1))[q_path].dtype
+
+
 def _full_stats(logits, targets):
     lse = mx.logsumexp(logits, axis=-1)
     nll = lse - mx.take_along_axis(logits, mx.maximum(targets, 0)[..., None], axis=-1)[..., 0]

@@ -81,7 +81,7 @@ def test_slices_where_round_to_nearest_is_better_keep_it_exactly(seed, group, ke
     w, fmt = mx.array(W).astype(mx.bfloat16), Format.affine(2, group)
     if workset:   # 32-row steps: round-to-nearest is re-made per step for the experts that keep it
         monkeypatch.setattr(gptq, "WORKSET_BYTES", workset)
-    r = Rounding({"w": X.T @ X})
+    r = Rounding({"w": X.T @ X}, clip=(1.0,))   # the range search would win on every expert here
     out = r.quantized("w", w, fmt)
     ref = mx.quantize(w, group_size=group, bits=2)
     assert [all(mx.array_equal(a[e], b[e]).item() for a, b in zip(out, ref)) for e in range(4)] == kept
@@ -90,9 +90,32 @@ def test_slices_where_round_to_nearest_is_better_keep_it_exactly(seed, group, ke
 
 def test_gptq_with_no_data_is_plain_rounding():
     W, _ = _problem(cols=64)
-    q, S, B = gptq_2d(W, np.zeros((64, 64)), 4, 64, "float32")
+    q, S, B = gptq_2d(W, np.zeros((64, 64)), 4, 64, "float32", clip=(1.0,))
     lo, hi = W.min(1), W.max(1)
     assert np.abs(_deq(q, S, B, 64) - W).max() <= ((hi - lo) / 15).max() / 2 + 1e-6
+    # with the range search, no data means the least squared weight error per row among the shrinks
+    q, S, B = gptq_2d(W, np.zeros((64, 64)), 4, 64, "float32")
+    err = ((_deq(q, S, B, 64) - W) ** 2).sum(1)
+    for p in gptq.CLIP_GRID:
+        qp, Sp, Bp = gptq_2d(W, np.zeros((64, 64)), 4, 64, "float32", clip=(p,))
+        assert (err <= ((_deq(qp, Sp, Bp, 64) - W) ** 2).sum(1) * (1 + 1e-5)).all()
+
+
+def test_group_range_search_takes_the_cheapest_shrink_per_row():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 64)).astype(np.float32)
+    d = rng.uniform(0.5, 2.0, (1, 1, 64)).astype(np.float32)
+    maxq = mx.array(15.0)
+    s, b = gptq._group_scale(mx.array(x), mx.array(d), maxq, mx.float32, 1e-30, gptq.CLIP_GRID)
+
+    def cost(s, b):
+        s, b = np.array(s)[..., None], np.array(b)[..., None]
+        q = np.clip(np.round((x - b) / s), 0, 15)
+        return (((x - (s * q + b)) / d) ** 2).sum(-1)
+
+    each = [cost(*gptq._group_scale(mx.array(x), mx.array(d), maxq, mx.float32, 1e-30, (p,))) for p in gptq.CLIP_GRID]
+    assert np.allclose(cost(s, b), np.min(each, axis=0), rtol=1e-5)
+    assert cost(s, b).sum() < 0.99 * each[0].sum()   # some rows took a shrunk range, and gained by it
 
 
 def test_rounding_arrays_match_mlx_layers_and_switch_experts():
@@ -184,7 +207,7 @@ def test_kept_results_are_bounded_and_factors_follow_the_path(monkeypatch):
     monkeypatch.setattr(gptq, "CACHE_ENTRIES", 2)
     first = [r.quantized("a", W3, f) for f in fmts]
     assert r._factors[0] == "a" and len(r._factors[1]) == 3
-    assert all(u.dtype == mx.float32 for u in r._factors[1])
+    assert all(u.dtype == np.float32 for u in r._factors[1])
     again = [r.quantized("a", W3, f) for f in fmts]
     # the first two are kept, the third is solved again (same values), nothing is evicted
     assert again[0] is first[0] and again[1] is first[1] and again[2] is not first[2]
@@ -267,3 +290,22 @@ def test_formats_solved_together_equal_one_by_one(experts):
     for f in fmts:
         alone = one.quantized("w", w, f, keep=False)
         assert all(mx.array_equal(a, b).item() for a, b in zip(many[str(f)], alone)), f
+
+
+def test_kept_results_spill_to_files_and_read_back_equal(tmp_path):
+    W3, H3 = _experts()
+    fmts = [Format.affine(4, 64), Format.affine(3, 64)]
+    mem = Rounding({"a": H3})
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "stale.safetensors").write_bytes(b"from an earlier run")
+    disk = Rounding({"a": H3}, spill=tmp_path / "r")
+    assert not (tmp_path / "r" / "stale.safetensors").exists()
+    first = disk.quantized_many("a", W3, fmts)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["0.safetensors", "1.safetensors"]
+    disk._solve = None   # read back from the files, not solved again
+    again = disk.quantized_many("a", W3, fmts)
+    ref = mem.quantized_many("a", W3, fmts)
+    for f in fmts:
+        assert all(mx.array_equal(x, y).item() and x.dtype == y.dtype
+                   for x, y in zip(again[str(f)], ref[str(f)]))
+        assert all(mx.array_equal(x, y).item() for x, y in zip(first[str(f)], ref[str(f)]))

@@ -34,6 +34,7 @@ class BlockRunner:
         self.compute = getattr(mx, compute_dtype) if compute_dtype else None
         self.source, self.retain = source, retain or source is None
         self._held: dict = {}  # prefix -> stored arrays of a module while it is resident
+        self._over: dict = {}  # prefix -> overrides of a module while it is resident
         if hasattr(model, "backbone") and hasattr(model.backbone, "embeddings"):
             inner = model.backbone
             self.family = "nemotron_h"
@@ -98,18 +99,32 @@ class BlockRunner:
         own = tree_flatten(module.parameters())
         arrays = self.stored(prefix, module)
         self._held[prefix] = arrays
-        over = overrides or {}
+        over = self._over[prefix] = overrides or {}
         module.update(tree_unflatten([(k, over[prefix + k] if prefix + k in over else self._cast(arrays[prefix + k]))
                                       for k, _ in own]))
         try:
             yield
         finally:
             self._held.pop(prefix, None)
+            self._over.pop(prefix, None)
             if self.retain:
                 module.update(tree_unflatten([(k, arrays[prefix + k]) for k, _ in own]))
             else:  # unread arrays again: nothing of this block stays in memory
                 fresh = self.source.fresh(prefix)
                 module.update(tree_unflatten([(k, fresh[prefix + k]) for k, _ in own]))
+
+    def relax(self, i: int):
+        """Inside `resident(i)`: let go of block i's weights already computed in the compute dtype; each is
+        made again from the stored array only if used (the float pass is done; streams swap their own in)."""
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        prefix = self.layer_prefix(i)
+        arrays = self._held.get(prefix)
+        if arrays is None:
+            return
+        layer, over = self.layers[i], self._over.get(prefix, {})
+        layer.update(tree_unflatten([(k, over[prefix + k] if prefix + k in over else self._cast(arrays[prefix + k]))
+                                     for k, _ in tree_flatten(layer.parameters())]))
 
     @contextmanager
     def swap(self, i: int, overrides: dict):

@@ -49,8 +49,9 @@ def gptq_paths(anatomy, rounding: str) -> list:
     return [t.path for t in candidate_items(anatomy) if t.module_type in GPTQ_TYPES and t.path.endswith(".weight")]
 
 
-def make_rounding(anatomy, rounding: str):
-    """The Rounding every pass shares; its Hessians are filled in by the sweeps as they run."""
+def make_rounding(anatomy, rounding: str, spill=None):
+    """The Rounding every pass shares; its Hessians are filled in by the sweeps as they run. `spill`: a
+    directory its kept results go to (see `Rounding`)."""
     from mixq.quant.gptq import RTN, Rounding
 
     paths = gptq_paths(anatomy, rounding)
@@ -58,7 +59,7 @@ def make_rounding(anatomy, rounding: str):
         return RTN, None
     H = HessianMap(paths)
     return Rounding(H, settings={"hessian": "input-gram; embedding: sampled-label fisher",
-                                 "fisher_samples": FISHER_SAMPLES}), H
+                                 "fisher_samples": FISHER_SAMPLES}, spill=spill), H
 
 
 class Calibration:

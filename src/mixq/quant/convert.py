@@ -150,14 +150,16 @@ def convert(opts: ConvertOptions) -> dict:
     _check_finite(lm)
     prog.end()
     runner = lm.runner(retain=not pf.stream_weights)
-    rounding, hessians = make_rounding(anatomy, opts.rounding)
+    work = out.with_name(out.name + ".mixq-work")
+    # solved roundings kept for the write sweep live in files: in memory they were a third of a 9B slice's
+    # memory beyond its weights
+    rounding, hessians = make_rounding(anatomy, opts.rounding, spill=work / "rounded")
     key = {
         "method": METHODS[opts.sensitivity_method], "rounding": rounding.settings(), "model": fingerprint(lm.path),
         "candidates": [str(c) for c in candidates], "calibration_sha256": windows.sha256, "samples": opts.samples,
         "seq_len": opts.seq_len, "seed": opts.seed, "compute_dtype": "float32",
         **({"target_bpw": opts.target_bpw} if opts.sensitivity_method == "estimate" else {}),
     }
-    work = out.with_name(out.name + ".mixq-work")
     cal = Calibration(runner, anatomy, windows.tokens, candidates, rounding=rounding, hessians=hessians,
                       method=opts.sensitivity_method, target_bpw=opts.target_bpw, source_dtypes=lm.source_dtypes,
                       seed=opts.seed, batch_size=opts.batch_size, partial=work / "sensitivity.partial.jsonl",

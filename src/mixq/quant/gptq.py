@@ -13,22 +13,26 @@ kernels compute exactly what the fake quant here measured. Microscaled formats (
 tensors without a Hessian keep mlx's round-to-nearest.
 
 Everything runs in mlx float32 on the default device, except the Cholesky factorisation and triangular
-inverse, which mlx only has on the CPU stream. Rows are independent given H, so a weight is solved a few
-rows (or a few experts, batched) at a time: the float32 working set of one step stays within about
-WORKSET_BYTES whatever the tensor's size (lm_head 131072 x 4480 included); on top of it a tensor holds
-its H and factors (one per expert for switch layers) and its packed result.
+inverse, done in place by LAPACK on the CPU (mlx has them on the CPU stream only, and not in place).
+Rows are independent given H, so a weight is solved a few rows (or a few experts, batched) at a time:
+the float32 working set of one step stays within about WORKSET_BYTES whatever the tensor's size (lm_head
+131072 x 4480 included); on top of it a tensor holds its H and factors (one per expert for switch layers,
+in numpy, sent to the device 32 rows at a time) and its packed result.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import shutil
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from mixq.core.formats import Format, applicable, dequantize, quantize_dequantize
 
-GPTQ_VERSION = "gptq-v3"
+GPTQ_VERSION = "gptq-v4"   # v4: factors by LAPACK in place (float32, last bits differ)
 DAMP = 0.01   # fraction of mean(diag H) added to the diagonal: keeps H invertible, standard in GPTQ
 BLOCK = 32    # columns per lazy-update block (every group size is a multiple: a group spanning blocks starts at one)
 WORKSET_BYTES = 256 << 20  # float32 bytes of one step: its rows' arrays (and its experts' stacked factors)
@@ -36,6 +40,10 @@ LIVE_COPIES = 4            # float32 arrays of a step's size the solve holds at 
 CHECK_COPIES = 10          # the same for the check against round-to-nearest (run on a few rows at a time)
 CACHE_ENTRIES = 1 << 20    # packed results `Rounding` keeps (keep=True) ...
 CACHE_BYTES = 1 << 30      # ... and their bytes in all; see `Rounding`
+SPILL_BYTES = 64 << 30     # the same kept in files (`Rounding(spill=DIR)`)
+# shrink ratios of a group's range tried per row (1.0 alone: min..max, as mlx). Measured, uniform GPTQ 4:64:
+# held-out KL 0.930x (demo), 0.843x (demo-moe); most from Mamba in_proj / out_proj (benchmarks/gptq_clip.py)
+CLIP_GRID = tuple(round(1.0 - 0.025 * k, 3) for k in range(9))
 
 
 def pack(q, bits: int):
@@ -73,95 +81,146 @@ def _f32(a):
     return mx.array(np.asarray(a, dtype=np.float32))
 
 
-def _inverse_cholesky(H):
-    """Upper U with U^T U = (H + damping)^-1, float32; an all-zero H (no data) means plain rounding.
+def _inverse_cholesky(H) -> np.ndarray:
+    """Upper U with U^T U = (H + damping)^-1, numpy float32; an all-zero H (no data) means plain rounding.
 
     With J the reversal, chol(J H J) = L gives H = (J L J)(J L J)^T, so U = J L^-1 J: one Cholesky and
-    one triangular inverse, no explicit inverse of H (mlx's linalg runs on the CPU stream only). Besides
-    H, at most two cols x cols float32 arrays are held at a time."""
+    one triangular inverse, no explicit inverse of H. Both run in place (LAPACK's potrf and trtri through
+    scipy) in one float32 copy of H, so besides H only one cols x cols array is held (mlx's linalg made two:
+    a 9B down_proj's 15680^2 factor was 0.9 GiB each). mlx's linalg runs on the CPU stream anyway."""
+    from scipy.linalg import lapack
+
+    Hn = np.asarray(H)   # an evaluated mx array is read in place
+    cols = Hn.shape[-1]
+    diag = np.diagonal(Hn)[::-1].astype(np.float64)   # J H J's diagonal
+    live = diag > 0
+    if not live.any():
+        return np.eye(cols, dtype=np.float32)
+    shift = np.where(live, 0.0, 1.0) + DAMP * diag[live].sum() / live.sum()
+    mean = (np.where(live, diag, 0.0) + shift).mean()
+    idx = np.arange(cols)
+    a = np.empty((cols, cols), dtype=np.float32, order="F")
+    for extra in (0.0, 0.1, 1.0, 10.0):  # more damping only if H is numerically indefinite
+        a.T[...] = Hn[::-1, ::-1]   # a.T is C-ordered: a sequential copy; J H J is symmetric
+        if not live.all():   # dead columns: no coupling, 1 on the diagonal
+            a[~live, :] = 0.0
+            a[:, ~live] = 0.0
+        a[idx, idx] += (shift + extra * mean).astype(np.float32)
+        L, info = lapack.spotrf(a, lower=1, clean=1, overwrite_a=1)
+        if info != 0:   # not positive definite at this damping
+            continue
+        Li, info = lapack.strtri(L, lower=1, overwrite_c=1)
+        if info == 0 and np.isfinite(Li.max()) and np.isfinite(Li.min()):
+            return Li[::-1, ::-1]   # J L^-1 J, a view: upper triangular
+    return np.eye(cols, dtype=np.float32)
+
+
+def _factor_rows(U, i1: int, i2: int):
+    """U[..., i1:i2, i1:] as an mx float32 array: factors are kept in numpy (made there, in place) and
+    sent to the device a block of rows at a time, so no second full copy of a factor exists."""
     import mlx.core as mx
 
-    H = _f32(H)[::-1, ::-1]   # J H J (a view): the damping below is the same in either order
-    cols = H.shape[-1]
-    diag = mx.diagonal(H)
-    live = diag > 0
-    if not mx.any(live).item():
-        return mx.eye(cols, dtype=mx.float32)
-    dead = not mx.all(live).item()   # dead columns: no coupling, 1 on the diagonal
-    shift = mx.where(live, 0.0, 1.0) + DAMP * (mx.where(live, diag, 0.0).sum() / live.sum())
-    mean = (mx.where(live, diag, 0.0) + shift).mean()
-    idx = mx.arange(cols)
-    for extra in (0.0, 0.1, 1.0, 10.0):  # more damping only if H is numerically indefinite
-        Hd = mx.where(live[:, None] & live[None, :], H, 0.0) if dead else H
-        L = mx.linalg.cholesky(Hd.at[idx, idx].add(shift + extra * mean), stream=mx.cpu)
-        # mlx does not raise on a failed factorisation: the failing pivot is left <= 0 or NaN
-        ok = mx.all(mx.diagonal(L) > 0)
-        mx.eval(L, ok)
-        del Hd
-        if not ok.item():
-            continue
-        # the inverse of a lower factor is lower (mlx leaves exact zeros above); J L^-1 J is a view
-        U = mx.linalg.tri_inv(L, upper=False, stream=mx.cpu)[::-1, ::-1]
-        del L
-        ok = mx.all(mx.isfinite(U))
-        mx.eval(U, ok)
-        if ok.item():
-            return U
-    return mx.eye(cols, dtype=mx.float32)
+    part = U[..., i1:i2, i1:]
+    return part.astype(mx.float32) if isinstance(part, mx.array) else mx.array(np.ascontiguousarray(part, np.float32))
 
 
-def _gptq(W, U, bits, group: int, dtype: str):
+def _round_block(W1, Ub, d, s, b, maxq):
+    """One lazy block: round its columns in turn, each column's error pushed onto the block's later columns
+    through the factor's rows Ub. One group's scale s and bias b (E, rows) cover the block. -> (q uint8,
+    err) both (E, rows, n). Compiled: 32 columns of small element-wise steps are one graph, not ~300."""
+    import mlx.core as mx
+
+    qcols, errs = [], []
+    for i in range(W1.shape[-1]):
+        w = W1[..., i]
+        q = mx.clip(mx.round((w - b) / s), 0.0, maxq)
+        err = (w - (s * q + b)) / d[..., i]
+        # U is upper triangular: the whole-block row leaves the columns already rounded untouched
+        W1 = W1 - err[..., None] * Ub[..., i:i + 1, :]
+        qcols.append(q.astype(mx.uint8)), errs.append(err)
+    return mx.stack(qcols, axis=-1), mx.stack(errs, axis=-1)
+
+
+def _group_scale(x, d, maxq, src, tiny: float, clip: tuple):
+    """A group's scale and bias (E, rows) for its columns x (E, rows, group), values of the source dtype.
+    Span min..max, or (`clip`) the range shrunk by the ratio whose rounding costs least in GPTQ's own
+    measure, sum_j ((x_j - q_j) / d_j)^2 with d the factor's diagonal, picked per row (the first on ties).
+    All ratios at once, broadcast over a leading axis: a dozen array operations, not a dozen per ratio."""
+    import mlx.core as mx
+
+    lo, hi = x.min(axis=-1), x.max(axis=-1)
+    p = mx.array(clip, dtype=mx.float32).reshape(-1, *([1] * lo.ndim))   # (G, 1, 1)
+    span = p * (hi - lo)
+    sc = mx.where(span > 0, span / maxq, 1.0).astype(src).astype(mx.float32)
+    s, b = mx.where(sc > 0, sc, tiny), (p * lo).astype(src).astype(mx.float32)   # (G, E, rows)
+    if len(clip) == 1:
+        return s[0], b[0]
+    q = mx.clip(mx.round((x - b[..., None]) / s[..., None]), 0.0, maxq[..., None] if maxq.ndim else maxq)
+    e = (((x - (s[..., None] * q + b[..., None])) / d) ** 2).sum(axis=-1)
+    k = mx.argmin(e, axis=0)[None]
+    return mx.take_along_axis(s, k, axis=0)[0], mx.take_along_axis(b, k, axis=0)[0]
+
+
+@functools.cache
+def _compiled_round_block():
+    import mlx.core as mx
+
+    return mx.compile(_round_block)
+
+
+@functools.cache
+def _compiled_group_scale(src, tiny: float, clip: tuple):
+    import mlx.core as mx
+
+    return mx.compile(functools.partial(_group_scale, src=src, tiny=tiny, clip=clip))
+
+
+def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
     """GPTQ a stack of (rows, cols) slices: W (E, rows, cols) float32, U (E or 1, cols, cols) their factors.
     `bits` is one number or one per slice (formats of one group size solved together: their copies of the
     weight stacked, each rounded to its own number of levels). Returns q (E, rows, cols) uint8 and scales,
-    biases (E, rows, cols // group) float32 holding `dtype` values, w ~ scale * q + bias per group."""
+    biases (E, rows, cols // group) float32 holding `dtype` values, w ~ scale * q + bias per group.
+    `clip`: shrink ratios of each group's range searched (see `_group_scale`; default CLIP_GRID)."""
     import mlx.core as mx
 
     cols = W.shape[-1]
+    if group % BLOCK or cols % group:
+        raise ValueError(f"group {group} must be a multiple of {BLOCK} dividing the width {cols}")
     src = getattr(mx, dtype)
+    clip = tuple(CLIP_GRID if clip is None else clip)
     if isinstance(bits, (list, tuple)):
         maxq = mx.array([[float(2 ** b - 1)] for b in bits])   # (E, 1): one per slice
     else:
-        maxq = float(2 ** bits - 1)
+        maxq = mx.array(float(2 ** bits - 1))
     tiny = float(np.finfo(np.float16).tiny) if dtype == "float16" else 1e-30
-    d = mx.diagonal(U, axis1=-2, axis2=-1)[:, None, :]     # (E|1, 1, cols)
+    d = mx.diagonal(U, axis1=-2, axis2=-1) if isinstance(U, mx.array) else \
+        mx.array(np.ascontiguousarray(np.diagonal(U, axis1=-2, axis2=-1), np.float32))
+    d = d[:, None, :]                                       # (E|1, 1, cols)
+    step = _compiled_round_block()
     qs, S, B = [], [], []
     rest = W                                                # columns not yet rounded, updated lazily
     for i1 in range(0, cols, BLOCK):
         i2 = min(i1 + BLOCK, cols)
-        W1, Ub = rest[..., :i2 - i1], U[..., i1:i2, i1:i2]
-        errs, qcols = [], []
-        for i in range(i2 - i1):
-            c = i1 + i
-            if c % group == 0:   # scale and bias from the group's columns as updated so far
-                # a group wider than the lazy block starts at a block start, where `rest` is up to date
-                block = W1[..., i:i + group] if i + group <= i2 - i1 else rest[..., :group]
-                lo, hi = block.min(axis=-1), block.max(axis=-1)
-                span = hi - lo
-                sc = mx.where(span > 0, span / maxq, 1.0).astype(src).astype(mx.float32)
-                s, b = mx.where(sc > 0, sc, tiny), lo.astype(src).astype(mx.float32)
-                S.append(s), B.append(b)
-            w = W1[..., i]
-            q = mx.clip(mx.round((w - b) / s), 0.0, maxq)
-            err = (w - (s * q + b)) / d[..., c]
-            # U is upper triangular: the whole-block row leaves the columns already rounded untouched
-            W1 = W1 - err[..., None] * Ub[..., i:i + 1, :]
-            errs.append(err), qcols.append(q.astype(mx.uint8))
-        qs.append(mx.stack(qcols, axis=-1))
+        if i1 % group == 0:   # scale and bias from the group's columns as updated so far (`rest` is, here)
+            s, b = _compiled_group_scale(src, tiny, clip)(rest[..., :group], d[..., i1:i1 + group], maxq)
+            S.append(s), B.append(b)
+        Urows = _factor_rows(U, i1, i2)                     # (E|1, i2 - i1, cols - i1)
+        q, err = step(rest[..., :i2 - i1], Urows[..., :i2 - i1], d[..., i1:i2], s, b, maxq)
+        qs.append(q)
         if i2 < cols:
-            rest = mx.addmm(rest[..., i2 - i1:], mx.stack(errs, axis=-1), U[..., i1:i2, i2:], alpha=-1.0)
+            rest = mx.addmm(rest[..., i2 - i1:], err, Urows[..., i2 - i1:], alpha=-1.0)
         mx.eval(rest, qs[-1], S[-1], B[-1])
     return mx.concatenate(qs, axis=-1), mx.stack(S, axis=-1), mx.stack(B, axis=-1)
 
 
-def gptq_2d(W, H, bits: int, group: int, dtype: str, U=None):
+def gptq_2d(W, H, bits: int, group: int, dtype: str, U=None, clip: tuple | None = None):
     """GPTQ one (rows, cols) matrix -> numpy (q uint8, scales, biases), scales/biases float32 holding
     `dtype` values. `U` (upper Cholesky factor of the damped inverse of H) may be passed instead of H.
     For inspection and tests: `Rounding` solves large tensors in bounded row chunks."""
     import mlx.core as mx
 
-    U = _inverse_cholesky(H) if U is None else _f32(U)
-    q, S, B = _gptq(_f32(W)[None], U[None], bits, group, dtype)
+    U = _inverse_cholesky(H) if U is None else U
+    q, S, B = _gptq(_f32(W)[None], U[None], bits, group, dtype, clip)
     mx.eval(q, S, B)
     return np.array(q[0]), np.array(S[0]), np.array(B[0])
 
@@ -214,23 +273,33 @@ class Rounding:
     CACHE_ENTRIES results and CACHE_BYTES in all, first come first kept, nothing evicted. A plan that is
     evaluated again and then written in the same tensor order (calibration, held-out, write) finds its
     first tensors solved, where least-recently-used would find none once the plan outgrows the cache;
-    evaluating further plans adds nothing.
+    evaluating further plans adds nothing. With `spill` (a directory) kept results go to files there instead
+    of memory (SPILL_BYTES, at most half the free disk), read back when asked for: at a 9B model's widths
+    the in-memory cache was a third of the convert's memory beyond its weights.
     """
 
-    def __init__(self, hessians=None, settings: dict | None = None):
+    def __init__(self, hessians=None, settings: dict | None = None, clip: tuple | None = None, spill=None):
         # a dict, or mixq.quant.hessian.Hessians (computed lazily per block): path -> H
         self.hessians = hessians if hessians is not None else {}
         self._settings = dict(settings or {})
-        self._cache: dict[tuple[str, str], tuple] = {}
+        self.clip = tuple(CLIP_GRID if clip is None else clip)   # group range shrink ratios searched
+        self._cache: dict[tuple[str, str], Any] = {}   # key -> packed arrays, or the file holding them
         self._cache_bytes = 0
+        self._spill, self._budget = None, CACHE_BYTES
+        if spill is not None:
+            self._spill = Path(spill)
+            shutil.rmtree(self._spill, ignore_errors=True)   # an earlier run's files: their index is gone
+            self._spill.mkdir(parents=True)
+            self._budget = min(SPILL_BYTES, shutil.disk_usage(self._spill).free // 2)
         self._fell_back: dict[tuple[str, str], bool] = {}  # every slice kept round-to-nearest
-        self._factors: tuple[str | None, list] = (None, [])  # last path's float32 factors, one per slice
+        self._factors: tuple[str | None, list] = (None, [])  # last path's numpy float32 factors, one per slice
 
     def settings(self) -> dict:
         """Everything that changes the rounded values (goes into the sensitivity key)."""
         if not self.hessians:
             return {"method": "rtn"}
-        return {"method": GPTQ_VERSION, "damp": DAMP, "block": BLOCK, **self._settings}
+        clip = {} if self.clip == (1.0,) else {"clip": list(self.clip)}
+        return {"method": GPTQ_VERSION, "damp": DAMP, "block": BLOCK, **clip, **self._settings}
 
     def uses_gptq(self, path: str, fmt: Format) -> bool:
         return fmt.mode == "affine" and path in self.hessians
@@ -255,7 +324,7 @@ class Rounding:
         for fmt in fmts:
             key = (path, str(fmt))
             if key in self._cache:
-                out[str(fmt)] = self._cache[key]
+                out[str(fmt)] = self._kept(key)
             elif not self.uses_gptq(path, fmt) or not applicable(w.shape, fmt):
                 raise ValueError(f"{path}: no GPTQ rounding for {fmt}")
             elif fmt not in todo:
@@ -266,11 +335,29 @@ class Rounding:
                 key = (path, str(fmt))
                 self._fell_back[key] = bool(all(take_rtn))
                 nbytes = sum(a.nbytes for a in res)
-                if keep and len(self._cache) < CACHE_ENTRIES and self._cache_bytes + nbytes <= CACHE_BYTES:
-                    self._cache[key] = res
+                if keep and len(self._cache) < CACHE_ENTRIES and self._cache_bytes + nbytes <= self._budget:
+                    self._cache[key] = self._keep(res)
                     self._cache_bytes += nbytes
                 out[str(fmt)] = res
         return out
+
+    def _keep(self, res: tuple):
+        if self._spill is None:
+            return res
+        import mlx.core as mx
+
+        f = self._spill / f"{len(self._cache)}.safetensors"
+        mx.save_safetensors(str(f), dict(zip("wsb", res)))
+        return f
+
+    def _kept(self, key):
+        v = self._cache[key]
+        if isinstance(v, Path):
+            import mlx.core as mx
+
+            d = mx.load(str(v))
+            return d["w"], d["s"], d["b"]
+        return v
 
     def _slice_factors(self, path: str, H, slices: int) -> list:
         """One factor per slice (or one shared by all), kept for the last path: every candidate format
@@ -304,11 +391,11 @@ class Rounding:
         for e0, e1, r0, r1 in _steps(slices, rows, cols, len(Us) > 1, copies=F):
             Wsrc = W3[e0:e1, r0:r1]
             n = e1 - e0
-            Uc = Us[0][None] if len(Us) == 1 else mx.concatenate([mx.stack(Us[e0:e1])] * F)
+            Uc = Us[0][None] if len(Us) == 1 else np.concatenate([np.stack(Us[e0:e1])] * F)
             Wf = Wsrc.astype(mx.float32)
             q, S, B = _gptq(mx.concatenate([Wf] * F) if F > 1 else Wf, Uc,
                             [f.bits for f in fmts for _ in range(n)] if F > 1 else fmts[0].bits,
-                            fmts[0].group_size, dtype)
+                            fmts[0].group_size, dtype, self.clip)
             gs = []
             for k, fmt in enumerate(fmts):
                 sl = slice(k * n, (k + 1) * n)

@@ -170,6 +170,8 @@ class ForwardSweep:
                     hessians.set_block(i, kept if kept is not None else
                                        {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None})
                 active = [s for s in streams if starts[s.name] <= i]
+                if active and float_run:
+                    r.relax(i)   # the float block's compute copies are not held through the rounding
                 solved = self._solve_block(i, active, r.stored(r.layer_prefix(i), r.layers[i])) if active else {}
                 for s in active:
                     if s.h is None:
