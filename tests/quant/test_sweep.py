@@ -133,3 +133,27 @@ def test_grams_recorded_in_the_sweep_are_the_layer_inputs(nemotron_moe):
     H.set_block = spy2
     ForwardSweep(r, a, tokens, batch_size=2, gptq_paths=paths).run([], grams=True, hessians=H, gram_blocks={q.layer})
     assert {i for i, e in got.items() if e} == {q.layer}
+
+
+@pytest.mark.parametrize("kind", ["nemotron-moe", "qwen3"])
+def test_an_untied_tables_rounding_is_let_go_before_the_head(fixture_models, kind):
+    import gc
+    import weakref
+
+    lm = load(fixture_models[kind], compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner(retain=False)
+    emb = f"{r.embed_path}.weight"
+    seen = {}
+
+    def on_rounded(stream, path, q):
+        if path == emb:
+            seen["emb"] = weakref.ref(q)
+        elif path == r.head_path:
+            gc.collect()
+            seen["alive at head"] = seen["emb"]() is not None
+
+    fmts = uniform_formats(a, Format.parse("4:64"))[0]
+    ForwardSweep(r, a, _tokens()).run([Stream("u", fmts)], on_rounded=on_rounded)
+    # a tied table is the head: its rounding is kept for it (and then not rounded again)
+    assert seen.get("alive at head", r.tied) is r.tied
