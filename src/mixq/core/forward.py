@@ -99,9 +99,8 @@ class BlockRunner:
         own = tree_flatten(module.parameters())
         arrays = self.stored(prefix, module)
         self._held[prefix] = arrays
-        over = self._over[prefix] = overrides or {}
-        module.update(tree_unflatten([(k, over[prefix + k] if prefix + k in over else self._cast(arrays[prefix + k]))
-                                      for k, _ in own]))
+        self._over[prefix] = overrides or {}
+        self._make_resident(module, prefix)
         try:
             yield
         finally:
@@ -113,18 +112,20 @@ class BlockRunner:
                 fresh = self.source.fresh(prefix)
                 module.update(tree_unflatten([(k, fresh[prefix + k]) for k, _ in own]))
 
+    def _make_resident(self, module, prefix: str):
+        """The module's parameters as (not yet computed) compute-dtype casts of its held stored arrays, or
+        their overrides."""
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        arrays, over = self._held[prefix], self._over[prefix]
+        module.update(tree_unflatten([(k, over[prefix + k] if prefix + k in over else self._cast(arrays[prefix + k]))
+                                      for k, _ in tree_flatten(module.parameters())]))
+
     def relax(self, i: int):
         """Inside `resident(i)`: let go of block i's weights already computed in the compute dtype; each is
         made again from the stored array only if used (the float pass is done; streams swap their own in)."""
-        from mlx.utils import tree_flatten, tree_unflatten
-
-        prefix = self.layer_prefix(i)
-        arrays = self._held.get(prefix)
-        if arrays is None:
-            return
-        layer, over = self.layers[i], self._over.get(prefix, {})
-        layer.update(tree_unflatten([(k, over[prefix + k] if prefix + k in over else self._cast(arrays[prefix + k]))
-                                     for k, _ in tree_flatten(layer.parameters())]))
+        if self.layer_prefix(i) in self._held:
+            self._make_resident(self.layers[i], self.layer_prefix(i))
 
     @contextmanager
     def swap(self, i: int, overrides: dict):

@@ -120,8 +120,7 @@ def _factor_rows(U, i1: int, i2: int):
     sent to the device a block of rows at a time, so no second full copy of a factor exists."""
     import mlx.core as mx
 
-    part = U[..., i1:i2, i1:]
-    return part.astype(mx.float32) if isinstance(part, mx.array) else mx.array(np.ascontiguousarray(part, np.float32))
+    return mx.array(np.ascontiguousarray(U[..., i1:i2, i1:], np.float32))
 
 
 def _round_block(W1, Ub, d, s, b, maxq):
@@ -176,7 +175,8 @@ def _compiled_group_scale(src, tiny: float, clip: tuple):
 
 
 def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
-    """GPTQ a stack of (rows, cols) slices: W (E, rows, cols) float32, U (E or 1, cols, cols) their factors.
+    """GPTQ a stack of (rows, cols) slices: W (E, rows, cols) float32, U (E or 1, cols, cols) their factors
+    (numpy, as `_inverse_cholesky` makes them).
     `bits` is one number or one per slice (formats of one group size solved together: their copies of the
     weight stacked, each rounded to its own number of levels). Returns q (E, rows, cols) uint8 and scales,
     biases (E, rows, cols // group) float32 holding `dtype` values, w ~ scale * q + bias per group.
@@ -193,9 +193,7 @@ def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
     else:
         maxq = mx.array(float(2 ** bits - 1))
     tiny = float(np.finfo(np.float16).tiny) if dtype == "float16" else 1e-30
-    d = mx.diagonal(U, axis1=-2, axis2=-1) if isinstance(U, mx.array) else \
-        mx.array(np.ascontiguousarray(np.diagonal(U, axis1=-2, axis2=-1), np.float32))
-    d = d[:, None, :]                                       # (E|1, 1, cols)
+    d = mx.array(np.ascontiguousarray(np.diagonal(U, axis1=-2, axis2=-1), np.float32))[:, None, :]  # (E|1, 1, cols)
     step = _compiled_round_block()
     qs, S, B = [], [], []
     rest = W                                                # columns not yet rounded, updated lazily
@@ -219,7 +217,7 @@ def gptq_2d(W, H, bits: int, group: int, dtype: str, U=None, clip: tuple | None 
     For inspection and tests: `Rounding` solves large tensors in bounded row chunks."""
     import mlx.core as mx
 
-    U = _inverse_cholesky(H) if U is None else U
+    U = _inverse_cholesky(H) if U is None else np.asarray(U, dtype=np.float32)
     q, S, B = _gptq(_f32(W)[None], U[None], bits, group, dtype, clip)
     mx.eval(q, S, B)
     return np.array(q[0]), np.array(S[0]), np.array(B[0])

@@ -219,7 +219,7 @@ class ForwardSweep:
         for s in streams:
             q = None
             if r.head_path in s.touched():
-                q = emb_q.get(s.name) if r.tied else None
+                q = emb_q.get(s.name)   # held only for a tied head
                 if q is None:
                     q = self._rounded(s, r.head_path, {r.head_path: head.weight})
                     if on_rounded:
