@@ -1,0 +1,43 @@
+import mlx.core as mx
+import numpy as np
+
+from mixq.quant.estimate import FisherStats
+from mixq.quant.hessian import ExpertGrams
+
+
+def test_expert_grams_are_each_experts_own_rows_whatever_their_order():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((300, 24)).astype(np.float32)
+    ids = rng.integers(0, 6, 300).astype(np.int32)
+    ids[ids == 4] = 5   # expert 4 is never routed to: its H is zero
+    g = ExpertGrams(mx.array(rows).astype(mx.bfloat16), mx.array(ids), 7)
+    assert g.shape == (7, 24, 24) and len(g) == 7
+    r32 = np.array(mx.array(rows).astype(mx.bfloat16).astype(mx.float32))
+    want = np.stack([r32[ids == e].T @ r32[ids == e] for e in range(7)])
+    got = np.array(g.chunk(0, 7))
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    assert not got[4].any() and not got[6].any()
+    assert np.array_equal(np.array(g[2]), got[2])
+    # the rows are kept with their experts' ids (sorted together): row sums per expert are unchanged
+    kept = np.array(g.rows)
+    kid = np.array(g.ids)
+    assert sorted(kid.tolist()) == kid.tolist()
+    for e in range(7):
+        assert np.allclose(kept[kid == e].sum(axis=0), r32[ids == e].sum(axis=0), atol=1e-4)
+
+
+def test_expert_estimates_do_not_depend_on_the_rows_order():
+    rng = np.random.default_rng(1)
+    rows = mx.array(rng.standard_normal((200, 32)).astype(np.float32))
+    ids = mx.array(rng.integers(0, 4, 200).astype(np.int32))
+    dW = mx.array(rng.standard_normal((4, 8, 32)).astype(np.float32) * 0.01)
+    st = FisherStats(100)
+    st.gd["w"] = mx.array(rng.random((4, 8)).astype(np.float32))
+    g = ExpertGrams(rows, ids, 4)
+    # the per-row form equals the Gram form: sum_i G_i (dW H_e dW^T)_ii per expert
+    H = np.array(g.chunk(0, 4))
+    d = np.array(dW)
+    counts = np.bincount(np.array(ids), minlength=4)
+    ysq = np.einsum("eij,ejk,eik->ei", d, H, d)
+    want = (np.array(st.gd["w"]) * ysq).sum(axis=1) / np.maximum(counts, 1)
+    assert np.isclose(st.estimate("w", g, dW), want.sum() / 200, rtol=1e-4)
