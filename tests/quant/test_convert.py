@@ -263,3 +263,33 @@ def test_json_on_stdout_progress_with_eta_on_stderr(nemotron_dense, tmp_path):
     for stage in ("calibration forward", "calibration backward + estimates", "evaluate and write", "held-out check"):
         assert f"{stage}:" in r.stderr and stage in report["seconds"]
     assert "ETA" in r.stderr and "elapsed" in r.stderr
+
+
+def test_refine_tunes_scales_and_biases_only_and_records_it(converted, nemotron_moe, tmp_path):
+    """--refine: the same plan and integer codes as without it, the scales and biases of the blocks whose
+    tuning lowered their loss changed (and only those), recorded in plan.json and the report; verified."""
+    from mlx_lm import load as lm_load
+
+    plain_out, _ = converted
+    out = tmp_path / "refined"
+    report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5, refine=True, **SMALL))
+    assert report["verify"]["ok"]
+    plan = json.loads((out / "mixq" / "plan.json").read_text())
+    plain = json.loads((plain_out / "mixq" / "plan.json").read_text())
+    assert {p: e["format"] for p, e in plan["tensors"].items()} == {p: e["format"] for p, e in plain["tensors"].items()}
+    t = plan["tuning"]
+    assert t["method"] and t["blocks"] and t["kl_calibration_before"] > 0 and t["kl_calibration_after"] > 0
+    assert report["tuning"]["blocks"] == len(t["blocks"]) and report["tuning"]["loss_after"] <= t["loss_before"]
+    assert t["kl_calibration_after"] == plan["measured_kl_calibration"]
+    assert plain["tuning"] is None
+    tuned = {p for p, e in plan["tensors"].items() if e.get("tuned")}
+    assert tuned
+    a, b = lm_load(str(out))[0], lm_load(str(plain_out))[0]
+    qa, qb = dict(a.named_modules()), dict(b.named_modules())
+    for p, e in plan["tensors"].items():
+        ma, mb = qa[e["module"]], qb[e["module"]]
+        if not hasattr(ma, "scales"):
+            continue
+        assert mx.array_equal(ma.weight, mb.weight).item()
+        same = mx.array_equal(ma.scales, mb.scales).item() and mx.array_equal(ma.biases, mb.biases).item()
+        assert same == (p not in tuned), p

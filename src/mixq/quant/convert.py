@@ -33,9 +33,11 @@ from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats,
 from mixq.quant.preflight import format_preflight, preflight
 from mixq.quant.sensitivity import FORMAT, METHODS, load_sensitivity
 from mixq.quant.sweep import Stream
+from mixq.quant.tune import BlockTuner, TuneSettings
 from mixq.quant.write import PlanWriter, quantization_config
 
 REFINE_UNIFORM = 1  # the largest uniform format that fits the budget is measured against the plan
+UNTUNED = "mixq (untuned)"
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ConvertOptions:
     stream_weights: str = "auto"
     batch_size: int = 8
     max_shard_bytes: int = MLX_SHARD_BYTES
+    refine: bool = False    # tune each block's scales and biases against the float block (mixq.quant.tune)
     command: list[str] = field(default_factory=list)
 
 
@@ -198,7 +201,8 @@ def convert(opts: ConvertOptions) -> dict:
                                               "measured_kl_calibration")},
             "comparison": rows, "verify": check, "sensitivity_method": sens["method"],
             "sensitivity_cost": sens["cost"], "calibration_fit": sens.get("calibration"),
-            "refinement": refinement, "allocation": plan_doc["allocation"], "preflight": {
+            "refinement": refinement, "allocation": plan_doc["allocation"], "tuning": _tuning_summary(plan_doc),
+            "preflight": {
                 k: v for k, v in pf.to_dict().items() if k != "tensors"},
             "rounding": {**rounding.settings(), "tensors": {k: sum(1 for e in plan_doc["tensors"].values()
                                                                    if e["rounding"] == k)
@@ -218,6 +222,15 @@ def convert(opts: ConvertOptions) -> dict:
     return report
 
 
+def _tuning_summary(plan_doc: dict) -> dict | None:
+    t = plan_doc.get("tuning")
+    if not t:
+        return None
+    return {k: t[k] for k in ("method", "steps", "lr", "seconds", "block_forwards", "loss_before", "loss_after",
+                              "kl_calibration_before", "kl_calibration_after")} | {
+        "blocks_kept": sum(1 for b in t["blocks"] if b["kept"]), "blocks": len(t["blocks"])}
+
+
 def _uniform_rivals(anatomy, lm, candidates, plan) -> list:
     """The largest uniform formats whose size fits the plan's budget (smaller ones cannot beat it)."""
     params = anatomy.mlx_lm_params
@@ -234,8 +247,11 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
                  references):
     """One sweep on the calibration windows: the plan (written as it is rounded) and its rivals."""
     writer = PlanWriter(tmp, anatomy, formats, lm.source_dtypes, max_shard_bytes=opts.max_shard_bytes)
-    plan_stream = Stream("mixq", formats, rounding)
+    tuner = BlockTuner(runner, TuneSettings(seed=opts.seed)) if opts.refine else None
+    plan_stream = Stream("mixq", formats, rounding, tuner=tuner)
     streams = [plan_stream] + [Stream(name, fmts, rounding) for _, name, fmts in rivals]
+    if tuner is not None:   # the same rounding untuned: the tuning's effect on the calibration KL
+        streams.append(Stream(UNTUNED, formats, rounding))
 
     def on_rounded(stream, path, q):
         if stream is plan_stream:
@@ -247,6 +263,9 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
                             gptq_paths=set(hessians.paths) if hessians else (), hessians=hessians,
                             on_rounded=on_rounded, progress=prog, references=references)
         timings["evaluate and write"] = [round(x, 3) for x in res.block_seconds]
+        if tuner is not None:
+            got["mixq"]["tuning"] = {**tuner.to_dict(), "kl_calibration_before": got.pop(UNTUNED)["kl_mean"],
+                                     "kl_calibration_after": got["mixq"]["kl_mean"]}
         fresh = lm.weights.fresh()
         for name in writer.missing_plain():
             writer.put_plain(name, fresh[name])
@@ -286,8 +305,11 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
 
 
 def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement) -> dict:
+    tuned = {p for b in (mixq_calib.get("tuning") or {}).get("blocks", []) if b["kept"] for p in b["tensors"]}
     for path, e in plan["tensors"].items():
         e["rounding"] = rounding.name_for(path, Format.parse(e["format"]))
+        if path in tuned:
+            e["tuned"] = True   # scales and biases tuned against the float block (mixq.quant.tune)
     plan.update({
         "rounding": rounding.settings(),
         "model": {"name": str(opts.model), "fingerprint": key["model"], "model_type": anatomy.model_type,
@@ -297,6 +319,7 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
         "predicted_kl_calibration": plan["predicted_kl"],
         "measured_kl_calibration": mixq_calib["kl_mean"],
         "refinement": refinement,
+        "tuning": mixq_calib.get("tuning"),
         "versions": _versions(),
         "command": opts.command,
     })

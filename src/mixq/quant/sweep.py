@@ -34,6 +34,10 @@ class Stream:
     # path -> QuantizedWeight given ready instead of rounded here (a written model's tensors, read when
     # their block comes); its keys are the tensors it changes
     quantized: object = None
+    # called per block with (block, path -> QuantizedWeight, the stream's inputs, the float block's outputs,
+    # the float block's inputs),
+    # returns the tensors the stream runs (and writes) instead: `mixq.quant.tune.BlockTuner`
+    tuner: object = None
     h: list | None = field(default=None, repr=False)
 
     def touched(self) -> set:
@@ -151,7 +155,7 @@ class ForwardSweep:
         # the float model runs only for what needs it: the reference, labels, block inputs, streams that
         # branch off later, or Grams not kept from an earlier sweep
         float_run = references is None or keep_inputs or sample_key is not None or \
-            any(starts[s.name] > 0 for s in streams) or \
+            any(starts[s.name] > 0 or s.tuner is not None for s in streams) or \
             (grams and hessians is not None and not hessians.kept_all(range(n)))
         bf = float(len(self.batches) * n) if float_run else 0.0
         block_seconds = []
@@ -179,11 +183,11 @@ class ForwardSweep:
                 for s in active:
                     if s.h is None:
                         s.h = h_in
+                    qs = {p: q for p in self.by_layer.get(i, []) if (q := self._pick(s, p, solved)) is not None}
+                    if s.tuner is not None and qs:
+                        qs = s.tuner(i, qs, s.h, h, h_in)
                     over = {}
-                    for p in self.by_layer.get(i, []):
-                        q = self._pick(s, p, solved)
-                        if q is None:
-                            continue
+                    for p, q in qs.items():
                         if on_rounded:
                             on_rounded(s, p, q)
                         over[p] = q.full(r.compute)
