@@ -102,7 +102,7 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
 
     prefix = runner.layer_prefix(i)
     layer = runner.layers[i]
-    compute = runner.compute
+    compute = runner.compute or mx.float32
     fixed = {p[len(prefix):]: q.full(compute) for p, q in qs.items() if p not in tunable}
     codes = {p: _codes(q) for p, q in tunable.items()}
     s0 = {p: q.scales.astype(mx.float32) for p, q in tunable.items()}
