@@ -207,3 +207,44 @@ def test_tiny_kl_keeps_its_digits(monkeypatch, numpy_on_cpu):
     want = (np.exp(lp) * (lp - lq)).sum(1)
     assert 1e-9 < want.mean() < 1e-7
     assert np.abs(got - want).max() < 5e-9 and abs(got.mean() / want.mean() - 1) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["nemotron-dense", "qwen3"])
+def test_a_streamed_head_reads_its_rows_from_the_file(fixture_models, kind):
+    """Streaming: the head's rows come from the safetensors file a chunk at a time (never the whole table),
+    equal to the stored array's rows, in any dtype; a resident runner keeps the array."""
+    from mixq.core.weights import FileRows
+
+    lm = load(fixture_models[kind], compute_dtype=None, lazy=True)
+    r = lm.runner(retain=False)
+    head = r.head()
+    assert isinstance(head.weight, FileRows)
+    stored = r.head_weight()
+    assert head.weight.shape == tuple(stored.shape) and head.weight.dtype == stored.dtype
+    for a, b in [(0, 7), (5, 300), (head.vocab - 3, head.vocab + 10)]:
+        got = head.weight.rows(a, b)
+        assert got.dtype == stored.dtype and mx.array_equal(got, stored[a:b]).item()
+    hn = mx.array(np.random.default_rng(0).standard_normal((2, 3, head.dim)).astype(np.float32))
+    full = hn @ stored.astype(mx.float32).T
+    assert mx.allclose(head.logits(hn), full, atol=1e-5).item()
+    assert not isinstance(lm.runner(retain=True).head().weight, FileRows)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_file_rows_of_every_float_dtype_and_shard(tmp_path, dtype):
+    from mixq.core.weights import FileRows, _data_start, _header
+
+    rng = np.random.default_rng(1)
+    arrays = {"x.weight": mx.array(rng.standard_normal((40, 24)).astype(np.float32)).astype(getattr(mx, dtype)),
+              "y.weight": mx.array(rng.standard_normal((30, 8)).astype(np.float32)).astype(getattr(mx, dtype))}
+    layout = [(k, v.shape, dtype) for k, v in arrays.items()]
+    w = ShardWriter(tmp_path, layout, max_shard_bytes=500 * 4, total_parameters=1)
+    for k, v in arrays.items():
+        w.put(k, v)
+    w.close()
+    for f in sorted(tmp_path.glob("model*.safetensors")):
+        for name, e in _header(f).items():
+            if name == "__metadata__":
+                continue
+            rows = FileRows(f, _data_start(f) + e["data_offsets"][0], e["shape"], e["dtype"])
+            assert mx.array_equal(rows.rows(3, 17), arrays[name][3:17]).item() and rows.nbytes == arrays[name].nbytes

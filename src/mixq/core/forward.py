@@ -181,9 +181,18 @@ class BlockRunner:
             bias = arrays.get("lm_head.bias")
         if over is not None:
             return Head(over, bias=bias, compute=self.compute)
-        w = self.embed_table() if self.tied else arrays["lm_head.weight"]
+        rows = None if self.retain else self.source.file_rows(self.head_path)
+        if rows is not None:   # streaming: each chunk's rows read from the file when used
+            return Head(rows, bias=bias, compute=self.compute)
+        w = self.head_weight()
         mx.eval(w)  # read once in the stored dtype for every chunk of this head's use
         return Head(w, bias=bias, compute=self.compute)
+
+    def head_weight(self):
+        """The head's weight in its stored dtype (lazy: read when evaluated), for rounding it."""
+        if self.tied:
+            return self.embed_table()
+        return self.stored("lm_head.", self.model.lm_head)["lm_head.weight"]
 
     def run(self, tokens=None, *, h=None, start: int = 0, overrides: dict | None = None):
         """Full logits from tokens, or from block `start`'s input `h` (small inputs: checks and tests)."""

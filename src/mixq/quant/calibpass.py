@@ -304,7 +304,7 @@ class Calibration:
         emb, head_path = f"{r.embed_path}.weight", r.head_path
         head = r.head()
         t = self.by_path[path]
-        stored = head.weight if path == head_path else r.embed_table()
+        stored = r.head_weight() if path == head_path else r.embed_table()
         fmts = self._pairs(t)
         near = near_formats(t.shape, fmts, self.target, self.source_dtypes.get(path, t.dtype))
         batches = self._sweep().batches
@@ -356,7 +356,7 @@ class Calibration:
             if k + 1 < len(fmts) and sum(tensor_bytes(t.shape, g, t.dtype) for g in batch + [fmts[k + 1]]) \
                     <= HEAD_GROUP_BYTES:
                 continue
-            solved = round_weights(self.rounding, path, head.weight, batch)
+            solved = round_weights(self.rounding, path, r.head_weight(), batch)
             group = [(g, solved[str(g)]) for g in batch]
             for ref in fwd.references:
                 res = compare_many([(r.head({path: q}), ref.hn) for _, q in group], ref, head)

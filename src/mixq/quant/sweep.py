@@ -225,7 +225,7 @@ class ForwardSweep:
             if r.head_path in s.touched():
                 q = emb_q.get(s.name)   # held only for a tied head
                 if q is None:
-                    q = self._rounded(s, r.head_path, {r.head_path: head.weight})
+                    q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
                     if on_rounded:
                         on_rounded(s, r.head_path, q)
             s_hn = [r.norm(x) for x in s.h] if s.h is not None else hn if hn is not None else \
