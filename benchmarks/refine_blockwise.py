@@ -3,11 +3,13 @@
 For each model: one calibration pass (N x 256 tokens; Hessians and the float reference), then a uniform
 layout (default 4:64) rounded with GPTQ, alone and with each tuning setting (steps / learning rate / inputs:
 "stream" = the quantized model's own inputs to the block, "float" = the float model's), and mlx-lm's
-round-to-nearest for scale. KL to the float model on the calibration windows and on 16 x 256 held-out tokens,
+round-to-nearest for scale, and mlx-lm's DWQ (`mlx_lm.quant.dwq.dwq_quantize`: mlx-lm's uniform quant with
+its scales and biases trained against the float model's logits; the same calibration windows, batch 4,
+its default learning rate 1e-6 unless --dwq-lr). KL to the float model on the calibration windows and on 16 x 256 held-out tokens,
 as a ratio to GPTQ alone; the tuning's seconds, block-forward equivalents and summed block loss.
 
 Usage: python benchmarks/refine_blockwise.py [--models demo demo-moe] [--format 4:64] [--samples 16]
-           [--settings 16/1e-3/stream,32/2e-3/stream,32/2e-3/float]
+           [--settings 16/1e-3/stream,32/2e-3/stream,32/2e-3/float] [--dwq-lr 1e-6,1e-5]
 """
 
 from __future__ import annotations
@@ -35,7 +37,46 @@ def parse_settings(spec: str) -> list[TuneSettings]:
     return out
 
 
-def measure(model: str, spec: str, samples: int, settings: list[TuneSettings]) -> None:
+def dwq(model: str, spec: Format, tokens, lr: float, source_dtype: str) -> tuple[dict, float]:
+    """mlx-lm's DWQ of its uniform `spec` quant on the windows `tokens` -> path -> QuantizedWeight, seconds."""
+    import copy
+
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm import load as lm_load
+    from mlx_lm.quant.dwq import dwq_quantize
+    from mlx_lm.utils import quantize_model
+
+    from mixq.core.modelio import resolve_model
+    from mixq.quant.qweight import QuantizedWeight
+
+    teacher, _, config = lm_load(str(resolve_model(model)), return_config=True)
+    stored = getattr(mx, source_dtype)   # the scales and biases are written in the source dtype
+    if mx.default_device() == mx.cpu:   # mlx's CPU gather_mm (MoE) is float32 only
+        from mixq.core.modelio import cast_floats
+
+        cast_floats(teacher, mx.float32)
+        source_dtype = "float32"
+    student = copy.deepcopy(teacher)
+    quantize_model(student, copy.deepcopy(config), group_size=spec.group_size, bits=spec.bits)
+    data = [(np.array(tokens[i]).tolist(), 0) for i in range(tokens.shape[0])]
+    t0 = time.perf_counter()
+    mx.random.seed(0)
+    np.random.seed(0)
+    dwq_quantize(student, lambda batch, i, split: teacher(batch), optim.Adam(learning_rate=lr, bias_correction=True),
+                 data, data[:4], batch_size=4, max_seq_length=tokens.shape[1] + 1, seed=0,
+                 dtype=getattr(mx, source_dtype))
+    out = {}
+    for name, m in student.named_modules():
+        if hasattr(m, "scales") and getattr(m, "mode", "affine") == "affine":
+            out[f"{name}.weight"] = QuantizedWeight(fmt=Format.affine(m.bits, m.group_size), wq=m.weight,
+                                                    scales=m.scales.astype(stored), biases=m.biases.astype(stored),
+                                                    cols=int(m.weight.shape[-1]) * 32 // m.bits)
+    return out, time.perf_counter() - t0
+
+
+def measure(model: str, spec: str, samples: int, settings: list[TuneSettings], dwq_lrs: list[float]) -> None:
     lm = load(model, compute_dtype=None, lazy=True)
     anatomy = describe(lm.model, lm.config)
     win = calibration.make_windows(calibration.load_documents(None), lm.tokenizer, n_samples=samples, seq_len=256,
@@ -46,6 +87,7 @@ def measure(model: str, spec: str, samples: int, settings: list[TuneSettings]) -
                       hessians=hessians, method="estimate", target_bpw=4.5, source_dtypes=lm.source_dtypes, seed=0)
     cal.run()
     fmts, _ = uniform_formats(anatomy, Format.parse(spec))
+    tuners_seconds: dict = {}
     tuners = {f"tuned {s.steps}/{s.lr:g}/{s.inputs}": BlockTuner(runner, s) for s in settings}
     kept: dict = {name: {} for name in tuners}
 
@@ -61,6 +103,17 @@ def measure(model: str, spec: str, samples: int, settings: list[TuneSettings]) -
     seconds = time.perf_counter() - t0
     # held out: the tuned values as written (no tuning on held-out text)
     held_streams = [Stream(s.name, {}, quantized=kept[s.name]) if s.name in kept else s for s in streams]
+    src = lm.source_dtypes[next(p for p, f in fmts.items() if f.is_quantized)]
+    for lr in dwq_lrs:
+        qd, secs = dwq(model, Format.parse(spec), win.tokens, lr, src)
+        name = f"mlx-lm DWQ lr {lr:g}"
+        held_streams.append(Stream(name, {}, quantized=qd))
+        streams.append(Stream(name, {}, quantized=qd))
+        tuners_seconds[name] = secs
+    if dwq_lrs:   # the calibration KL of the DWQ quants (on the windows it was trained on)
+        more, _ = evaluate(runner, anatomy, win.tokens, [s for s in streams if s.name.startswith("mlx-lm DWQ")],
+                           references=cal.references)
+        calib.update(more)
     held_win = calibration.heldout_windows(lm.tokenizer, n_samples=16, seq_len=256)
     held, _ = evaluate(runner, anatomy, held_win.tokens, held_streams, gptq_paths=hessians.paths, hessians=hessians)
     a, b = calib["gptq"]["kl_mean"], held["gptq"]["kl_mean"]
@@ -74,6 +127,8 @@ def measure(model: str, spec: str, samples: int, settings: list[TuneSettings]) -
             d = tuners[s.name].to_dict()
             extra = (f" {d['seconds']:>8.1f} {d['block_forwards']:>9} {d['loss_before']:>8.4g}->{d['loss_after']:<8.4g}"
                      f" {sum(x['kept'] for x in d['blocks']):>3}/{len(d['blocks'])}")
+        if s.name in tuners_seconds:
+            extra = f" {tuners_seconds[s.name]:>8.1f}"
         print(f"{s.name:<26} {c:>9.5f} {c / a:>7.3f} {h:>12.5f} {h / b:>7.3f}{extra}", flush=True)
 
 
@@ -84,9 +139,11 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     ap.add_argument("--settings", default="16/1e-3/stream,32/2e-3/stream,32/2e-3/float",
                     help="tuning settings, STEPS/LR[/INPUTS] separated by commas")
+    ap.add_argument("--dwq-lr", default="1e-6", help="mlx-lm DWQ learning rates, comma-separated ('' for none)")
     args = ap.parse_args()
+    lrs = [float(x) for x in args.dwq_lr.split(",") if x.strip()]
     for m in args.models:
-        measure(m, args.format, args.samples, parse_settings(args.settings))
+        measure(m, args.format, args.samples, parse_settings(args.settings), lrs)
     return 0
 
 
