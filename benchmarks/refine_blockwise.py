@@ -5,8 +5,8 @@ layout (default 4:64) rounded with GPTQ, alone and with each tuning setting (ste
 "stream" = the quantized model's own inputs to the block, "float" = the float model's), and mlx-lm's
 round-to-nearest for scale, and mlx-lm's DWQ (`mlx_lm.quant.dwq.dwq_quantize`: mlx-lm's uniform quant with
 its scales and biases trained against the float model's logits; the same calibration windows, batch 4,
-its default learning rate 1e-6 unless --dwq-lr). KL to the float model on the calibration windows and on 16 x 256 held-out tokens,
-as a ratio to GPTQ alone; the tuning's seconds, block-forward equivalents and summed block loss.
+its default learning rate 1e-6 unless --dwq-lr). KL to the float model on the calibration windows and on
+16 x 256 held-out tokens, as a ratio to GPTQ alone; the tuning's seconds, block-forward equivalents and summed block loss.
 
 Usage: python benchmarks/refine_blockwise.py [--models demo demo-moe] [--format 4:64] [--samples 16]
            [--settings 16/1e-3/stream,32/2e-3/stream,32/2e-3/float] [--dwq-lr 1e-6,1e-5]
