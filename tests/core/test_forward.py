@@ -232,7 +232,7 @@ def test_a_streamed_head_reads_its_rows_from_the_file(fixture_models, kind):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_file_rows_of_every_float_dtype_and_shard(tmp_path, dtype):
-    from mixq.core.weights import FileRows, _data_start, _header
+    from mixq.core.weights import FileRows, _header
 
     rng = np.random.default_rng(1)
     arrays = {"x.weight": mx.array(rng.standard_normal((40, 24)).astype(np.float32)).astype(getattr(mx, dtype)),
@@ -243,8 +243,9 @@ def test_file_rows_of_every_float_dtype_and_shard(tmp_path, dtype):
         w.put(k, v)
     w.close()
     for f in sorted(tmp_path.glob("model*.safetensors")):
-        for name, e in _header(f).items():
+        header, data = _header(f)
+        for name, e in header.items():
             if name == "__metadata__":
                 continue
-            rows = FileRows(f, _data_start(f) + e["data_offsets"][0], e["shape"], e["dtype"])
+            rows = FileRows(f, data + e["data_offsets"][0], e["shape"], e["dtype"])
             assert mx.array_equal(rows.rows(3, 17), arrays[name][3:17]).item() and rows.nbytes == arrays[name].nbytes

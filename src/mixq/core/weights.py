@@ -39,14 +39,15 @@ class LazyWeights:
         (the model's sanitize changes it, or a dtype numpy cannot read)."""
         held = self.fresh().get(name)
         for f in self.files:
-            entry = _header(f).get(name)
+            header, data = _header(f)
+            entry = header.get(name)
             if entry is None:
                 continue
             shape, dtype = tuple(entry["shape"]), entry["dtype"]
             if held is None or len(shape) != 2 or tuple(held.shape) != shape or dtype not in _NUMPY \
                     or str(held.dtype).rsplit(".", 1)[-1] != _NUMPY[dtype][1]:
                 return None
-            return FileRows(f, _data_start(f) + entry["data_offsets"][0], shape, dtype)
+            return FileRows(f, data + entry["data_offsets"][0], shape, dtype)
         return None
 
 
@@ -54,20 +55,14 @@ class LazyWeights:
 _NUMPY = {"F32": ("<f4", "float32"), "F16": ("<f2", "float16"), "BF16": ("<u2", "bfloat16")}
 
 
-def _header(file: Path) -> dict:
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header and the offset its data starts at."""
     import json
     import struct
 
     with open(file, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(n))
-
-
-def _data_start(file: Path) -> int:
-    import struct
-
-    with open(file, "rb") as fh:
-        return 8 + struct.unpack("<Q", fh.read(8))[0]
+        return json.loads(fh.read(n)), 8 + n
 
 
 class FileRows:

@@ -35,8 +35,7 @@ class Stream:
     # their block comes); its keys are the tensors it changes
     quantized: object = None
     # called per block with (block, path -> QuantizedWeight, the stream's inputs, the float block's outputs,
-    # the float block's inputs),
-    # returns the tensors the stream runs (and writes) instead: `mixq.quant.tune.BlockTuner`
+    # the float block's inputs); returns the tensors the stream runs (and writes) instead: `quant.tune.BlockTuner`
     tuner: object = None
     h: list | None = field(default=None, repr=False)
 

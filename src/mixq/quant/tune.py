@@ -103,7 +103,6 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
     prefix = runner.layer_prefix(i)
     layer = runner.layers[i]
     compute = runner.compute or mx.float32
-    fixed = {p[len(prefix):]: q.full(compute) for p, q in qs.items() if p not in tunable}
     codes = {p: _codes(q) for p, q in tunable.items()}
     s0 = {p: q.scales.astype(mx.float32) for p, q in tunable.items()}
     b0 = {p: q.biases.astype(mx.float32) for p, q in tunable.items()}
@@ -121,26 +120,26 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
         return out
 
     def set_weights(params, cast: bool):
+        """The tunable tensors' weights from the codes and (scale, bias); the others stay as swapped in."""
         vals = values(params, cast)
-        w = {p[len(prefix):]: _weight(codes[p], *vals[p], tunable[p].fmt.group_size, compute) for p in tunable}
-        layer.update(tree_unflatten(list({**fixed, **w}.items())))
+        layer.update(tree_unflatten([(p[len(prefix):], _weight(codes[p], *vals[p], tunable[p].fmt.group_size, compute))
+                                     for p in tunable]))
 
-    def loss_fn(params, x, y):
-        set_weights(params, cast=False)
+    def mse(x, y):
         d = runner.block(i, x).astype(mx.float32) - y.astype(mx.float32)
         return (d * d).mean()
 
+    def loss_fn(params, x, y):
+        set_weights(params, cast=False)
+        return mse(x, y)
+
     def total(params) -> float:
-        tot = 0.0
-        for x, y in zip(xs, ys):
-            set_weights(params, cast=True)
-            d = runner.block(i, x).astype(mx.float32) - y.astype(mx.float32)
-            tot += float((d * d).mean().item()) * x.shape[0]
-        return tot / sum(x.shape[0] for x in xs)
+        set_weights(params, cast=True)
+        return sum(float(mse(x, y).item()) * x.shape[0] for x, y in zip(xs, ys)) / sum(x.shape[0] for x in xs)
 
     params = {p: {"a": mx.zeros(s0[p].shape), "c": mx.zeros(b0[p].shape)} for p in tunable}
-    own = _own_parameters(layer, qs, prefix)
-    try:
+    # the block's own parameters are put back on exit, whatever the steps wrote into it
+    with runner.swap(i, {p: q.full(compute) for p, q in qs.items()}):
         before = total(params)
         opt = optim.Adam(learning_rate=st.lr)
         grad = mx.value_and_grad(loss_fn)
@@ -151,8 +150,6 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
             params = opt.apply_gradients(g, params)
             mx.eval(params, opt.state)
         after = total(params)
-    finally:
-        layer.update(tree_unflatten(list(own.items())))
     # a backward counted as two forwards; the losses before and after run every batch once
     rec = {"loss_before": before, "loss_after": after, "steps": st.steps, "kept": after < before,
            "block_forwards": 3 * st.steps + 2 * len(xs)}
@@ -165,11 +162,3 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
         out[p] = QuantizedWeight(fmt=q.fmt, wq=q.wq, scales=s.astype(dt[p]), biases=b.astype(dt[p]), cols=q.cols)
         mx.eval(out[p].scales, out[p].biases)
     return out, rec
-
-
-def _own_parameters(layer, qs: dict, prefix: str) -> dict:
-    """The layer's parameters that tuning overwrites (restored after)."""
-    from mlx.utils import tree_flatten
-
-    flat = dict(tree_flatten(layer.parameters()))
-    return {k: flat[k] for k in (p[len(prefix):] for p in qs) if k in flat}
