@@ -129,6 +129,28 @@ def test_label_sampling_follows_the_distribution_and_the_key():
     assert np.allclose(freq, p, atol=0.02)
 
 
+@pytest.mark.parametrize("numpy_on_cpu", [True, False])
+def test_label_sampling_over_chunks_follows_the_distribution(monkeypatch, numpy_on_cpu):
+    # labels drawn chunk by chunk (a weighted reservoir) have the full softmax's distribution, and the
+    # numpy (CPU) and mlx (GPU) paths draw the same labels from the same key
+    monkeypatch.setattr(head_mod, "CHUNK_BYTES", 4096)   # 256-row chunks: 4 of them
+    rng = np.random.default_rng(0)
+    W = mx.array(rng.standard_normal((1000, 16)).astype(np.float32)) * 0.4
+    head = Head(W)
+    assert len(head.bounds) == 4
+    hn = mx.broadcast_to(mx.array(rng.standard_normal((16,)).astype(np.float32)), (1, 30000, 16))
+    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", numpy_on_cpu)
+    a = head.sample(hn, mx.random.key(5))
+    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", not numpy_on_cpu)
+    assert mx.array_equal(a, head.sample(hn, mx.random.key(5))).item()
+    p = np.array(mx.softmax(head.logits(hn[:, :1])[0, 0]))
+    freq = np.bincount(np.array(a).ravel(), minlength=1000) / a.size
+    # mass per chunk and per tenth of the vocabulary within a few standard errors
+    for parts in (4, 10):
+        got, want = freq.reshape(parts, -1).sum(1), p.reshape(parts, -1).sum(1)
+        assert np.all(np.abs(got - want) <= 5 * np.sqrt(want * (1 - want) / a.size) + 1e-3)
+
+
 def test_shard_writer_places_every_tensor_and_loads(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"a.weight": mx.array(rng.standard_normal((64, 32)).astype(np.float32)).astype(mx.bfloat16),

@@ -206,18 +206,41 @@ def test_kept_results_are_bounded_and_factors_follow_the_path(monkeypatch):
     fmts = [Format.affine(4, 64), Format.affine(3, 64), Format.affine(2, 64)]
     monkeypatch.setattr(gptq, "CACHE_ENTRIES", 2)
     first = [r.quantized("a", W3, f) for f in fmts]
-    assert r._factors[0] == "a" and len(r._factors[1]) == 3
-    assert all(u.dtype == np.float32 for u in r._factors[1])
+    assert r._factors[0] == "a" and len(r._factors[2]) == 3
+    assert all(u.dtype == np.float32 for u in r._factors[2])
     again = [r.quantized("a", W3, f) for f in fmts]
     # the first two are kept, the third is solved again (same values), nothing is evicted
     assert again[0] is first[0] and again[1] is first[1] and again[2] is not first[2]
     assert all(mx.array_equal(x, y).item() for x, y in zip(again[2], first[2]))
     r.quantized("b", W3[0], fmts[0])
-    assert r._factors[0] == "b" and len(r._factors[1]) == 1   # the previous path's factors are gone
+    assert r._factors[0] == "b" and len(r._factors[2]) == 1   # the previous path's factors are gone
     monkeypatch.setattr(gptq, "CACHE_ENTRIES", 64)
     monkeypatch.setattr(gptq, "CACHE_BYTES", first[0][0].nbytes)   # a byte budget smaller than one result
     r2 = Rounding({"a": H3})
     assert r2.quantized("a", W3, fmts[0]) is not r2.quantized("a", W3, fmts[0])
+
+
+def test_layers_with_equal_grams_are_factored_once(monkeypatch):
+    # q/k/v (gate/up) see one input, so their Grams are equal arrays: one factorisation serves all, and the
+    # rounding equals a fresh solve; a different Gram is factored again
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((512, 128)).astype(np.float32)
+    H = X.T @ X
+    Hb = H + np.eye(128, dtype=np.float32)
+    W = {k: mx.array(rng.standard_normal((n, 128)).astype(np.float32) * 0.02) for k, n in
+         (("q", 96), ("k", 32), ("v", 32), ("o", 64))}
+    calls = []
+    real = gptq._inverse_cholesky
+    monkeypatch.setattr(gptq, "_inverse_cholesky", lambda h: calls.append(1) or real(h))
+    r = Rounding({"q": mx.array(H), "k": mx.array(H.copy()), "v": H.copy(), "o": mx.array(Hb)})
+    fmt = Format.affine(4, 64)
+    got = {k: r.quantized(k, W[k], fmt, keep=False) for k in ("q", "k", "v")}
+    assert len(calls) == 1
+    r.quantized("o", W["o"], fmt, keep=False)
+    assert len(calls) == 2
+    for k in ("k", "v"):
+        fresh = Rounding({k: H}).quantized(k, W[k], fmt, keep=False)
+        assert all(mx.array_equal(a, b).item() for a, b in zip(got[k], fresh))
 
 
 def _calibrated(path, tokens, paths_filter=None):

@@ -25,7 +25,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from mixq.core.errors import MixqError
+from mixq.core.fp4 import GROUPS as _FP4_GROUPS, quantize_fp4
 
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUPS = (32, 64, 128)
@@ -230,6 +233,7 @@ def bits_per_weight(fmt: Format, source_dtype: Any = "bfloat16") -> float:
 
 # -- quantization ---------------------------------------------------------------------------------
 QUANTIZE_CHUNK = 1 << 20  # elements a microscaled format is quantized at a time (see `quantize`)
+FP4_MODES = tuple(_FP4_GROUPS)  # quantized in numpy on the CPU
 
 
 def quantize(w, fmt: Format) -> tuple:
@@ -245,13 +249,19 @@ def quantize(w, fmt: Format) -> tuple:
     for d in w.shape[:-1]:
         rows *= int(d)
     step = max(1, QUANTIZE_CHUNK // max(cols, 1))
-    if fmt.mode == "affine" or rows <= step:
+    in_numpy = fmt.mode in FP4_MODES and mx.default_device() == mx.cpu
+    if fmt.mode == "affine" or (rows <= step and not in_numpy):
         out = mx.quantize(w, **kw)
         return out[0], out[1], (out[2] if len(out) > 2 else None)
     flat = w.reshape(rows, cols)
     parts = []
     for a in range(0, rows, step):
-        part = mx.quantize(flat[a:a + step], **kw)
+        if in_numpy:   # the same bytes as mlx's CPU path, ~20x faster (see mixq.core.fp4)
+            x = flat[a:a + step]
+            x = np.array(x) if x.dtype in (mx.float16, mx.float32) else np.array(x.astype(mx.float32))
+            part = tuple(mx.array(p) for p in quantize_fp4(x, fmt.mode))
+        else:
+            part = mx.quantize(flat[a:a + step], **kw)
         mx.eval(*part)
         parts.append(part)
     words, scales = (mx.concatenate([p[j] for p in parts]).reshape(*w.shape[:-1], -1) for j in (0, 1))

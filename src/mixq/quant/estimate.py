@@ -41,12 +41,12 @@ class FisherStats:
 
         g = grad.astype(mx.float32)
         if rec._experts is None:
-            g2 = (g.reshape(-1, g.shape[-1]) ** 2).sum(axis=0)
+            g2 = mx.square(g.reshape(-1, g.shape[-1])).sum(axis=0)
             if rec.last_input.shape[-1] > self.n_positions:  # wider than the rows it sees: keep the rows
                 self.rows.setdefault(path, []).append(rec.last_input.reshape(-1, rec.last_input.shape[-1]))
         else:
             gr, ids = switch_rows(g, rec.last_indices)
-            g2 = mx.zeros((rec._experts, gr.shape[-1])).at[ids].add(gr ** 2)
+            g2 = mx.zeros((rec._experts, gr.shape[-1])).at[ids].add(mx.square(gr))
         self.gd[path] = g2 if path not in self.gd else self.gd[path] + g2
         mx.eval(self.gd[path])
 
@@ -61,12 +61,12 @@ class FisherStats:
             for a in range(0, H.rows.shape[0], step):
                 ids = H.ids[a:a + step]
                 y = mx.gather_mm(H.rows[a:a + step][:, None, :], dW.swapaxes(-1, -2), rhs_indices=ids)[:, 0, :]
-                ysq = ysq.at[ids].add(y ** 2)
+                ysq = ysq.at[ids].add(mx.square(y))
                 mx.eval(ysq)
         elif path in self.rows:
             ysq = mx.zeros((dW.shape[0],))
             for x in self.rows[path]:
-                ysq = ysq + ((x @ dW.T) ** 2).sum(axis=0)
+                ysq = ysq + mx.square(x @ dW.T).sum(axis=0)
         else:
             ysq = ((dW @ H.astype(mx.float32)) * dW).sum(axis=-1)
         return self._total(path, H, ysq)
@@ -89,10 +89,10 @@ class FisherStats:
         import mlx.core as mx
 
         if hasattr(H, "rows"):
-            diag = mx.zeros((self.gd[path].shape[0], H.rows.shape[-1])).at[H.ids].add(H.rows ** 2)
-            ysq = ((dW.astype(mx.float32) ** 2) @ diag[..., None])[..., 0]
+            diag = mx.zeros((self.gd[path].shape[0], H.rows.shape[-1])).at[H.ids].add(mx.square(H.rows))
+            ysq = (mx.square(dW.astype(mx.float32)) @ diag[..., None])[..., 0]
         else:
-            ysq = (dW.astype(mx.float32) ** 2) @ mx.diagonal(H).astype(mx.float32)
+            ysq = mx.square(dW.astype(mx.float32)) @ mx.diagonal(H).astype(mx.float32)
         return self._total(path, H, ysq)
 
 
@@ -103,7 +103,7 @@ def embedding_estimate(grads: list, tokens: list, table_rows, q, n_positions: in
     total = mx.array(0.0)
     for g, x in zip(grads, tokens):
         d = table_rows(x) - q.take(x, mx.float32)
-        total = total + ((g * d).sum(axis=-1) ** 2).sum()
+        total = total + mx.square((g * d).sum(axis=-1)).sum()
         mx.eval(total)
     return float(total.item()) / (2 * n_positions)
 
@@ -197,7 +197,7 @@ def head_estimate(G, A, weight, q, n_positions: int, rows=None, diagonal: bool =
     V, d = int(weight.shape[0]), int(weight.shape[-1])
     if diagonal:
         if rows is not None:
-            a_diag = sum(((x.reshape(-1, d).astype(mx.float32)) ** 2).sum(axis=0) for x in rows)
+            a_diag = sum(mx.square(x.reshape(-1, d).astype(mx.float32)).sum(axis=0) for x in rows)
         else:
             a_diag = mx.diagonal(A).astype(mx.float32)
         rows, A = None, None
@@ -208,11 +208,11 @@ def head_estimate(G, A, weight, q, n_positions: int, rows=None, diagonal: bool =
         b = min(a + step, V)
         dW = weight[a:b].astype(mx.float32) - q.rows(a, b, mx.float32)
         if diagonal:
-            ysq = (dW ** 2) @ a_diag
+            ysq = mx.square(dW) @ a_diag
         elif rows is not None:
             ysq = mx.zeros((b - a,))
             for x in rows:
-                ysq = ysq + ((x.reshape(-1, d) @ dW.T) ** 2).sum(axis=0)
+                ysq = ysq + mx.square(x.reshape(-1, d) @ dW.T).sum(axis=0)
         else:
             ysq = ((dW @ A32) * dW).sum(axis=-1)
         part = (G[a:b] * ysq).sum()

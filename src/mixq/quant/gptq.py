@@ -155,7 +155,7 @@ def _group_scale(x, d, maxq, src, tiny: float, clip: tuple):
     if len(clip) == 1:
         return s[0], b[0]
     q = mx.clip(mx.round((x - b[..., None]) / s[..., None]), 0.0, maxq[..., None] if maxq.ndim else maxq)
-    e = (((x - (s[..., None] * q + b[..., None])) / d) ** 2).sum(axis=-1)
+    e = mx.square((x - (s[..., None] * q + b[..., None])) / d).sum(axis=-1)   # mx.square: ** is pow()
     k = mx.argmin(e, axis=0)[None]
     return mx.take_along_axis(s, k, axis=0)[0], mx.take_along_axis(b, k, axis=0)[0]
 
@@ -260,6 +260,17 @@ def _excess_error(Wsrc, g, r, H, kw: dict) -> np.ndarray:
     return total
 
 
+def _fingerprint(H) -> tuple:
+    """Shape and a digest of H's values, a few rows at a time (no copy of a 9B model's 1 GiB Gram)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    step = max(1, (16 << 20) // max(4 * int(H.shape[-1]), 1))
+    for a in range(0, int(H.shape[0]), step):
+        h.update(np.ascontiguousarray(np.asarray(H[a:a + step], dtype=np.float32)).tobytes())
+    return tuple(H.shape), h.hexdigest()
+
+
 class Rounding:
     """Per tensor: GPTQ for affine formats where a Hessian was collected, mlx's round-to-nearest otherwise.
 
@@ -290,7 +301,7 @@ class Rounding:
             self._spill.mkdir(parents=True)
             self._budget = min(SPILL_BYTES, shutil.disk_usage(self._spill).free // 2)
         self._fell_back: dict[tuple[str, str], bool] = {}  # every slice kept round-to-nearest
-        self._factors: tuple[str | None, list] = (None, [])  # last path's numpy float32 factors, one per slice
+        self._factors: tuple = (None, None, [])  # last path, its H's fingerprint, float32 factors per slice
 
     def settings(self) -> dict:
         """Everything that changes the rounded values (goes into the sensitivity key)."""
@@ -360,11 +371,17 @@ class Rounding:
     def _slice_factors(self, path: str, H, slices: int) -> list:
         """One factor per slice (or one shared by all), kept for the last path: every candidate format
         of a tensor shares them."""
-        if self._factors[0] != path:
-            self._factors = (None, [])
+        last, last_fp, factors = self._factors
+        if last == path:
+            return factors
+        fp = _fingerprint(H) if H.ndim == 2 else None
+        if fp is None or fp != last_fp:
+            # layers fed one input (q/k/v, gate/up) have equal Grams: factored once for all of them
+            self._factors = (None, None, [])
             Hs = [H[e] for e in range(slices)] if H.ndim >= 3 else [H]
-            self._factors = (path, [_inverse_cholesky(h) for h in Hs])
-        return self._factors[1]
+            factors = [_inverse_cholesky(h) for h in Hs]
+        self._factors = (path, fp, factors)
+        return factors
 
     def _solve(self, path: str, w, fmts: list):
         """Per format (all of one group size): packed GPTQ arrays for `w` and, per 2-D slice, whether

@@ -27,7 +27,7 @@ from pathlib import Path
 from mixq.core.errors import MixqError
 
 FORMAT = "mixq-sensitivity/1"
-METHODS = {"estimate": "estimate-kfac-v3", "exact": "kl-exact-v3"}
+METHODS = {"estimate": "estimate-kfac-v4", "exact": "kl-exact-v4"}
 
 
 def _round(x: float) -> float:
