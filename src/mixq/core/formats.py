@@ -179,8 +179,6 @@ def dtype_itemsize(dtype: Any) -> int:
         if type(dtype).__module__.startswith("mlx"):
             dtype = str(dtype)  # "mlx.core.bfloat16"
         else:
-            import numpy as np
-
             try:
                 dtype = np.dtype(dtype).name
             except TypeError:

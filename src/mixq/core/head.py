@@ -85,23 +85,14 @@ class Head:
         import mlx.core as mx
 
         shape, P = hn.shape[:-1], _positions(hn)
-        rows = np.arange(P)
         tg = None if targets is None else np.array(targets).reshape(-1)
         m = s = best_v = best_i = tgt = labels = None
         for c, (a, b) in enumerate(bounds):
             z = np.array(self.chunk(hn, a, b), dtype=np.float32).reshape(P, b - a)
-            i = z.argmax(axis=-1)
-            v = z[rows, i]
-            if best_v is None:
-                best_v, best_i = v, i + a
-            else:
-                take = v > best_v  # ties keep the earlier (lower) index, as a full argmax does
-                best_v, best_i = np.where(take, v, best_v), np.where(take, i + a, best_i)
+            best_v, best_i = _argmax_merge_np(best_v, best_i, z, a)
             if tg is not None:
-                inside = (tg >= a) & (tg < b)
-                got = np.where(inside, z[rows, np.clip(tg - a, 0, b - a - 1)], 0.0)
-                tgt = got if tgt is None else tgt + got
-            m_new = v if m is None else np.maximum(m, v)
+                tgt = _gather_in_np(tgt, z, tg, a, b)
+            m_new = best_v   # the running max over the chunks so far is the argmax's value
             np.subtract(z, m_new[:, None], out=z)
             np.exp(z, out=z)                      # z is now exp(logit - running max)
             mass = z.sum(axis=-1, dtype=np.float64)
@@ -228,17 +219,26 @@ def _stats_np(st: dict, zp, p, s0, zq, lo: int, hi: int, targets) -> None:
     np.negative(d, out=d)
     np.expm1(d, out=d)
     st["b"] = st["b"] + np.einsum("ij,ij->i", p, d)
-    i = zq.argmax(axis=-1)
-    v = np.take_along_axis(zq, i[:, None], axis=-1)[:, 0]
-    if st["v"] is None:
-        st["v"], st["i"] = v, i + lo
-    else:
-        take = v > st["v"]  # ties keep the earlier (lower) index, as a full argmax does
-        st["v"], st["i"] = np.where(take, v, st["v"]), np.where(take, i + lo, st["i"])
+    st["v"], st["i"] = _argmax_merge_np(st["v"], st["i"], zq, lo)
     if targets is not None:
-        inside = (targets >= lo) & (targets < hi)
-        got = np.where(inside, zq[np.arange(zq.shape[0]), np.clip(targets - lo, 0, hi - lo - 1)], 0.0)
-        st["t"] = got if st["t"] is None else st["t"] + got
+        st["t"] = _gather_in_np(st["t"], zq, targets, lo, hi)
+
+
+def _argmax_merge_np(best_v, best_i, z, offset: int):
+    """`_argmax_merge` for a numpy chunk of logits (positions, rows)."""
+    i = z.argmax(axis=-1)
+    v = np.take_along_axis(z, i[:, None], axis=-1)[:, 0]
+    if best_v is None:
+        return v, i + offset
+    take = v > best_v  # ties keep the earlier (lower) index, as a full argmax does
+    return np.where(take, v, best_v), np.where(take, i + offset, best_i)
+
+
+def _gather_in_np(acc, z, targets, a: int, b: int):
+    """`_gather_in` for a numpy chunk of logits (positions, rows) and flat targets."""
+    inside = (targets >= a) & (targets < b)
+    got = np.where(inside, z[np.arange(z.shape[0]), np.clip(targets - a, 0, b - a - 1)], 0.0)
+    return got if acc is None else acc + got
 
 
 def _stats_mx(st: dict, zp, p, s0, zq, lo: int, hi: int, targets) -> None:
