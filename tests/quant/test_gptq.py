@@ -332,3 +332,17 @@ def test_kept_results_spill_to_files_and_read_back_equal(tmp_path):
         assert all(mx.array_equal(x, y).item() and x.dtype == y.dtype
                    for x, y in zip(again[str(f)], ref[str(f)]))
         assert all(mx.array_equal(x, y).item() for x, y in zip(first[str(f)], ref[str(f)]))
+
+
+@pytest.mark.parametrize("bits,dtype", [([4, 5], "bfloat16"), (3, "float16"), ([2, 8], "float32")])
+def test_numpy_column_loop_matches_the_compiled_mlx_one(monkeypatch, bits, dtype):
+    # on the CPU the column loop runs in numpy; it must round exactly as the mlx graph used on a GPU
+    W, X = _problem(rows=40, cols=128, seed=3)
+    U = gptq._inverse_cholesky((X.T @ X).astype(np.float32))[None]
+    Wst = mx.array(np.stack([W.astype(np.float32)] * (len(bits) if isinstance(bits, list) else 1)))
+    got = {}
+    for flag in (False, True):
+        monkeypatch.setattr(gptq, "NUMPY_ON_CPU", flag)
+        got[flag] = [np.array(a) for a in gptq._gptq(Wst, U, bits, 64, dtype)]
+    for a, b in zip(got[False], got[True]):
+        assert np.array_equal(a, b)

@@ -43,6 +43,7 @@ CACHE_BYTES = 1 << 30      # ... and their bytes in all; see `Rounding`
 SPILL_BYTES = 64 << 30     # the same kept in files (`Rounding(spill=DIR)`)
 # shrink ratios of a group's range tried per row (1.0 alone: min..max, as mlx). Measured, uniform GPTQ 4:64:
 # held-out KL 0.930x (demo), 0.843x (demo-moe); most from Mamba in_proj / out_proj (benchmarks/gptq_clip.py)
+NUMPY_ON_CPU = True   # GPTQ's column loop in numpy when mlx computes on the CPU (see `_round_block_np`)
 CLIP_GRID = tuple(round(1.0 - 0.025 * k, 3) for k in range(9))
 
 
@@ -160,6 +161,26 @@ def _group_scale(x, d, maxq, src, tiny: float, clip: tuple):
     return mx.take_along_axis(s, k, axis=0)[0], mx.take_along_axis(b, k, axis=0)[0]
 
 
+def _round_block_np(W1, Ub, d, s, b, maxq):
+    """`_round_block` in numpy, for the CPU (mlx's CPU element-wise ops cost ~3x numpy's here, and a
+    column's error updates only the block's later columns). W1 (E, rows, n) mx; Ub (E|1, n, n), d (E|1, n),
+    s, b (E, rows), maxq a number or (E, 1) numpy. -> (q uint8, err) mx arrays (E, rows, n)."""
+    import mlx.core as mx
+
+    Wt = np.ascontiguousarray(np.moveaxis(np.array(W1, dtype=np.float32), -1, 0))   # (n, E, rows): columns
+    n = Wt.shape[0]
+    q, err = np.empty(Wt.shape, np.uint8), np.empty(Wt.shape, np.float32)
+    coef = np.ascontiguousarray(np.moveaxis(Ub, -1, 0))[..., None]   # (n, E|1, n, 1): coef[j, :, i] = Ub[:, i, j]
+    for i in range(n):
+        w = Wt[i]
+        qi = np.clip(np.rint((w - b) / s), 0.0, maxq)
+        e = (w - (s * qi + b)) / d[:, i:i + 1]
+        if i + 1 < n:
+            Wt[i + 1:] -= coef[i + 1:, :, i] * e
+        q[i], err[i] = qi, e
+    return mx.array(np.moveaxis(q, 0, -1)), mx.array(np.moveaxis(err, 0, -1))
+
+
 @functools.cache
 def _compiled_round_block():
     import mlx.core as mx
@@ -193,8 +214,11 @@ def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
     else:
         maxq = mx.array(float(2 ** bits - 1))
     tiny = float(np.finfo(np.float16).tiny) if dtype == "float16" else 1e-30
-    d = mx.array(np.ascontiguousarray(np.diagonal(U, axis1=-2, axis2=-1), np.float32))[:, None, :]  # (E|1, 1, cols)
+    d_np = np.ascontiguousarray(np.diagonal(U, axis1=-2, axis2=-1), np.float32)   # (E|1, cols)
+    d = mx.array(d_np)[:, None, :]  # (E|1, 1, cols)
+    on_cpu = NUMPY_ON_CPU and mx.default_device() == mx.cpu
     step = _compiled_round_block()
+    maxq_np = np.array(maxq) if on_cpu else None
     qs, S, B = [], [], []
     rest = W                                                # columns not yet rounded, updated lazily
     for i1 in range(0, cols, BLOCK):
@@ -203,7 +227,12 @@ def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
             s, b = _compiled_group_scale(src, tiny, clip)(rest[..., :group], d[..., i1:i1 + group], maxq)
             S.append(s), B.append(b)
         Urows = _factor_rows(U, i1, i2)                     # (E|1, i2 - i1, cols - i1)
-        q, err = step(rest[..., :i2 - i1], Urows[..., :i2 - i1], d[..., i1:i2], s, b, maxq)
+        if on_cpu:
+            if i1 % group == 0:
+                s_np, b_np = np.array(s), np.array(b)
+            q, err = _round_block_np(rest[..., :i2 - i1], U[..., i1:i2, i1:i2], d_np[:, i1:i2], s_np, b_np, maxq_np)
+        else:
+            q, err = step(rest[..., :i2 - i1], Urows[..., :i2 - i1], d[..., i1:i2], s, b, maxq)
         qs.append(q)
         if i2 < cols:
             rest = mx.addmm(rest[..., i2 - i1:], err, Urows[..., i2 - i1:], alpha=-1.0)
