@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import mixq.core.head as head_mod
+from mixq.core import blas
 from mixq.core.head import Head
 from mixq.core.modelio import load
 from mixq.core.stwriter import ShardWriter
@@ -75,7 +76,7 @@ def _full_stats(logits, targets):
 @pytest.mark.parametrize("numpy_on_cpu", [True, False])
 @pytest.mark.parametrize("chunk_bytes", [None, 4096])
 def test_chunked_head_matches_full_vocabulary(monkeypatch, chunk_bytes, numpy_on_cpu):
-    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", numpy_on_cpu)  # the mlx path is what a GPU runs
+    monkeypatch.setattr(blas, "NUMPY_ON_CPU", numpy_on_cpu)  # the mlx path is what a GPU runs
     if chunk_bytes:
         monkeypatch.setattr(head_mod, "CHUNK_BYTES", chunk_bytes)  # the 256-row minimum: 4 chunks
     rng = np.random.default_rng(0)
@@ -139,9 +140,9 @@ def test_label_sampling_over_chunks_follows_the_distribution(monkeypatch, numpy_
     head = Head(W)
     assert len(head.bounds) == 4
     hn = mx.broadcast_to(mx.array(rng.standard_normal((16,)).astype(np.float32)), (1, 30000, 16))
-    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", numpy_on_cpu)
+    monkeypatch.setattr(blas, "NUMPY_ON_CPU", numpy_on_cpu)
     a = head.sample(hn, mx.random.key(5))
-    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", not numpy_on_cpu)
+    monkeypatch.setattr(blas, "NUMPY_ON_CPU", not numpy_on_cpu)
     assert mx.array_equal(a, head.sample(hn, mx.random.key(5))).item()
     p = np.array(mx.softmax(head.logits(hn[:, :1])[0, 0]))
     freq = np.bincount(np.array(a).ravel(), minlength=1000) / a.size
@@ -215,7 +216,7 @@ def test_runner_on_a_llama_reads_its_layer_attributes(tmp_path, qwen3):
 def test_tiny_kl_keeps_its_digits(monkeypatch, numpy_on_cpu):
     """A mean KL of ~1e-8 (an 8-bit-sized perturbation) comes out right to 1 % (per position to the float32
     logits' own precision), where a difference of two float32 log-sum-exps is ~40 % off (measured)."""
-    monkeypatch.setattr(head_mod, "NUMPY_ON_CPU", numpy_on_cpu)
+    monkeypatch.setattr(blas, "NUMPY_ON_CPU", numpy_on_cpu)
     rng = np.random.default_rng(3)
     W = rng.standard_normal((3000, 32)).astype(np.float32)
     dW = rng.standard_normal((3000, 32)).astype(np.float32) * 2e-5

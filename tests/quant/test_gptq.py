@@ -10,6 +10,7 @@ from mixq.core.formats import AFFINE_BITS, AFFINE_GROUPS, Format, quantize_dequa
 from mixq.core.forward import BlockRunner
 from mixq.core.modelio import load
 from mixq.core.errors import MixqError
+from mixq.core import blas
 from mixq.quant import gptq
 from mixq.quant.gptq import DAMP, Rounding, gptq_2d, pack
 
@@ -342,7 +343,7 @@ def test_numpy_column_loop_matches_the_compiled_mlx_one(monkeypatch, bits, dtype
     Wst = mx.array(np.stack([W.astype(np.float32)] * (len(bits) if isinstance(bits, list) else 1)))
     got = {}
     for flag in (False, True):
-        monkeypatch.setattr(gptq, "NUMPY_ON_CPU", flag)
+        monkeypatch.setattr(blas, "NUMPY_ON_CPU", flag)
         got[flag] = [np.array(a) for a in gptq._gptq(Wst, U, bits, 64, dtype)]
     for a, b in zip(got[False], got[True]):
         assert np.array_equal(a, b)

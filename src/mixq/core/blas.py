@@ -6,6 +6,9 @@ mlx's cblas_* symbols resolve to it (~220 GFLOP/s, same results). This module mu
 
 Control with MIXQ_BLAS: unset/"auto" (find one), "off" (keep the bundled one), or a library path.
 Install on Debian/Ubuntu: `apt-get install libopenblas0-pthread`.
+
+`numpy_on_cpu()`: the one switch for per-element work that mixq does in numpy while mlx computes on the
+CPU, where mlx's element-wise ops cost several times numpy's (KL statistics, fp4 rounding, GPTQ's loop).
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ _CANDIDATE_GLOBS = (
 )
 
 _state: dict = {"status": "not-tried", "library": None, "detail": ""}
+NUMPY_ON_CPU = True   # tests turn it off to run the mlx paths a GPU takes
+
+
+def numpy_on_cpu() -> bool:
+    """Whether per-element work goes to numpy: mlx computes on the CPU (and the switch is on)."""
+    import mlx.core as mx
+
+    return NUMPY_ON_CPU and mx.default_device() == mx.cpu
 
 
 def _candidates() -> list[str]:

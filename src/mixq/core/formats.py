@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from mixq.core.blas import numpy_on_cpu
 from mixq.core.errors import MixqError
 from mixq.core.fp4 import GROUPS as _FP4_GROUPS, quantize_fp4
 
@@ -247,7 +248,7 @@ def quantize(w, fmt: Format) -> tuple:
     for d in w.shape[:-1]:
         rows *= int(d)
     step = max(1, QUANTIZE_CHUNK // max(cols, 1))
-    in_numpy = fmt.mode in FP4_MODES and mx.default_device() == mx.cpu
+    in_numpy = fmt.mode in FP4_MODES and numpy_on_cpu()
     if fmt.mode == "affine" or (rows <= step and not in_numpy):
         out = mx.quantize(w, **kw)
         return out[0], out[1], (out[2] if len(out) > 2 else None)

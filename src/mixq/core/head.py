@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mixq.core.blas import numpy_on_cpu
+
 CHUNK_BYTES = 128 << 20   # float32 working set of one chunk of head rows
 LOGITS_BYTES = 32 << 20   # float32 logits of one chunk (its temporaries are a few times that)
-NUMPY_ON_CPU = True       # per-element KL work in numpy when mlx computes on the CPU
 
 
 def chunk_rows(dim: int, positions: int) -> int:
@@ -74,7 +75,7 @@ class Head:
 
         bounds = self.bounds_for(_positions(hn))
         keys = None if sample_key is None else mx.random.split(sample_key, len(bounds))
-        if NUMPY_ON_CPU and mx.default_device() == mx.cpu:
+        if numpy_on_cpu():
             lse, best_i, tgt, labels = self._reference_np(hn, bounds, targets, keys)
         else:
             lse, best_i, tgt, labels = self._reference_mx(hn, bounds, targets, keys)
@@ -150,7 +151,7 @@ class Head:
 
         g = mx.zeros(hn.shape, dtype=mx.float32)
         diag = []
-        on_cpu = NUMPY_ON_CPU and mx.default_device() == mx.cpu
+        on_cpu = numpy_on_cpu()
         for a, b in self.bounds_for(_positions(hn)):
             z = self.chunk(hn, a, b)
             if on_cpu:  # numpy's exp is several times mlx's on the CPU
@@ -181,7 +182,7 @@ def compare_many(compared: list, ref: "Reference", ref_head: "Head", targets=Non
     import mlx.core as mx
 
     shape = ref.lse.shape
-    on_cpu = NUMPY_ON_CPU and mx.default_device() == mx.cpu
+    on_cpu = numpy_on_cpu()
     acc = [{"s0": 0.0, "a": 0.0, "b": 0.0, "v": None, "i": None, "t": None} for _ in compared]
     lse = np.array(ref.lse).reshape(-1, 1) if on_cpu else ref.lse[..., None]
     tg = None if targets is None else (np.array(targets).reshape(-1) if on_cpu else targets)

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mixq.core.blas import numpy_on_cpu
 from mixq.core.formats import Format, applicable, dequantize, quantize_dequantize
 
 GPTQ_VERSION = "gptq-v4"   # v4: factors by LAPACK in place (float32, last bits differ)
@@ -43,7 +44,6 @@ CACHE_BYTES = 1 << 30      # ... and their bytes in all; see `Rounding`
 SPILL_BYTES = 64 << 30     # the same kept in files (`Rounding(spill=DIR)`)
 # shrink ratios of a group's range tried per row (1.0 alone: min..max, as mlx). Measured, uniform GPTQ 4:64:
 # held-out KL 0.930x (demo), 0.843x (demo-moe); most from Mamba in_proj / out_proj (benchmarks/gptq_clip.py)
-NUMPY_ON_CPU = True   # GPTQ's column loop in numpy when mlx computes on the CPU (see `_round_block_np`)
 CLIP_GRID = tuple(round(1.0 - 0.025 * k, 3) for k in range(9))
 
 
@@ -216,7 +216,7 @@ def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
     tiny = float(np.finfo(np.float16).tiny) if dtype == "float16" else 1e-30
     d_np = np.ascontiguousarray(np.diagonal(U, axis1=-2, axis2=-1), np.float32)   # (E|1, cols)
     d = mx.array(d_np)[:, None, :]  # (E|1, 1, cols)
-    on_cpu = NUMPY_ON_CPU and mx.default_device() == mx.cpu
+    on_cpu = numpy_on_cpu()   # the column loop in numpy (`_round_block_np`)
     step = _compiled_round_block()
     maxq_np = np.array(maxq) if on_cpu else None
     qs, S, B = [], [], []
@@ -226,10 +226,10 @@ def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
         if i1 % group == 0:   # scale and bias from the group's columns as updated so far (`rest` is, here)
             s, b = _compiled_group_scale(src, tiny, clip)(rest[..., :group], d[..., i1:i1 + group], maxq)
             S.append(s), B.append(b)
+            if on_cpu:
+                s_np, b_np = np.array(s), np.array(b)
         Urows = _factor_rows(U, i1, i2)                     # (E|1, i2 - i1, cols - i1)
         if on_cpu:
-            if i1 % group == 0:
-                s_np, b_np = np.array(s), np.array(b)
             q, err = _round_block_np(rest[..., :i2 - i1], U[..., i1:i2, i1:i2], d_np[:, i1:i2], s_np, b_np, maxq_np)
         else:
             q, err = step(rest[..., :i2 - i1], Urows[..., :i2 - i1], d[..., i1:i2], s, b, maxq)
