@@ -37,8 +37,11 @@ def parse_settings(spec: str) -> list[TuneSettings]:
     return out
 
 
-def dwq(model: str, spec: Format, tokens, lr: float, source_dtype: str) -> tuple[dict, float]:
-    """mlx-lm's DWQ of its uniform `spec` quant on the windows `tokens` -> path -> QuantizedWeight, seconds."""
+def dwq(model: str, spec: Format, tokens, lr: float, source_dtype: str, init: dict | None = None,
+        epochs: int = 1) -> tuple[dict, float]:
+    """mlx-lm's DWQ of its uniform `spec` quant on the windows `tokens` -> path -> QuantizedWeight, seconds.
+    `init` (path -> QuantizedWeight, e.g. mixq's GPTQ rounding): the student starts from those arrays
+    instead of mlx-lm's round-to-nearest; `epochs`: passes over the windows (mlx-lm's DWQ makes one)."""
     import copy
 
     import mlx.core as mx
@@ -60,7 +63,13 @@ def dwq(model: str, spec: Format, tokens, lr: float, source_dtype: str) -> tuple
         source_dtype = "float32"
     student = copy.deepcopy(teacher)
     quantize_model(student, copy.deepcopy(config), group_size=spec.group_size, bits=spec.bits)
-    data = [(np.array(tokens[i]).tolist(), 0) for i in range(tokens.shape[0])]
+    if init:
+        mods = dict(student.named_modules())
+        for path, q in init.items():
+            m = mods[path[:-len(".weight")]]
+            m.update({"weight": q.wq, "scales": q.scales.astype(m.scales.dtype),
+                      "biases": q.biases.astype(m.biases.dtype)})
+    data = [(np.array(tokens[i]).tolist(), 0) for i in range(tokens.shape[0])] * epochs
     t0 = time.perf_counter()
     mx.random.seed(0)
     np.random.seed(0)
@@ -76,7 +85,8 @@ def dwq(model: str, spec: Format, tokens, lr: float, source_dtype: str) -> tuple
     return out, time.perf_counter() - t0
 
 
-def measure(model: str, spec: str, samples: int, settings: list[TuneSettings], dwq_lrs: list[float]) -> None:
+def measure(model: str, spec: str, samples: int, settings: list[TuneSettings], dwq_lrs: list[float],
+            gptq_dwq: list[tuple[float, int]] = ()) -> None:
     lm = load(model, compute_dtype=None, lazy=True)
     anatomy = describe(lm.model, lm.config)
     win = calibration.make_windows(calibration.load_documents(None), lm.tokenizer, n_samples=samples, seq_len=256,
@@ -89,7 +99,7 @@ def measure(model: str, spec: str, samples: int, settings: list[TuneSettings], d
     fmts, _ = uniform_formats(anatomy, Format.parse(spec))
     tuners_seconds: dict = {}
     tuners = {f"tuned {s.steps}/{s.lr:g}/{s.inputs}": BlockTuner(runner, s) for s in settings}
-    kept: dict = {name: {} for name in tuners}
+    kept: dict = {name: {} for name in [*tuners, "gptq"]}
 
     def on_rounded(stream, path, q):
         if stream.name in kept:
@@ -102,7 +112,7 @@ def measure(model: str, spec: str, samples: int, settings: list[TuneSettings], d
                         references=cal.references, on_rounded=on_rounded)
     seconds = time.perf_counter() - t0
     # held out: the tuned values as written (no tuning on held-out text)
-    held_streams = [Stream(s.name, {}, quantized=kept[s.name]) if s.name in kept else s for s in streams]
+    held_streams = [Stream(s.name, {}, quantized=kept[s.name]) if s.name in tuners else s for s in streams]
     src = lm.source_dtypes[next(p for p, f in fmts.items() if f.is_quantized)]
     for lr in dwq_lrs:
         qd, secs = dwq(model, Format.parse(spec), win.tokens, lr, src)
@@ -110,8 +120,15 @@ def measure(model: str, spec: str, samples: int, settings: list[TuneSettings], d
         held_streams.append(Stream(name, {}, quantized=qd))
         streams.append(Stream(name, {}, quantized=qd))
         tuners_seconds[name] = secs
-    if dwq_lrs:   # the calibration KL of the DWQ quants (on the windows it was trained on)
-        more, _ = evaluate(runner, anatomy, win.tokens, [s for s in streams if s.name.startswith("mlx-lm DWQ")],
+    for lr, epochs in gptq_dwq:   # mlx-lm's DWQ started from mixq's GPTQ arrays
+        init = {p: q for p, q in kept["gptq"].items() if q.fmt.mode == "affine" and q.biases is not None}
+        qd, secs = dwq(model, Format.parse(spec), win.tokens, lr, src, init=init, epochs=epochs)
+        name = f"GPTQ + DWQ lr {lr:g} x{epochs}"
+        held_streams.append(Stream(name, {}, quantized=qd))
+        streams.append(Stream(name, {}, quantized=qd))
+        tuners_seconds[name] = secs
+    if dwq_lrs or gptq_dwq:   # the calibration KL of the DWQ quants (on the windows it was trained on)
+        more, _ = evaluate(runner, anatomy, win.tokens, [s for s in streams if "DWQ" in s.name],
                            references=cal.references)
         calib.update(more)
     held_win = calibration.heldout_windows(lm.tokenizer, n_samples=16, seq_len=256)
@@ -140,10 +157,13 @@ def main() -> int:
     ap.add_argument("--settings", default="16/1e-3/stream,32/2e-3/stream,32/2e-3/float",
                     help="tuning settings, STEPS/LR[/INPUTS] separated by commas")
     ap.add_argument("--dwq-lr", default="1e-6", help="mlx-lm DWQ learning rates, comma-separated ('' for none)")
+    ap.add_argument("--gptq-dwq", default="", help="mlx-lm DWQ started from mixq's GPTQ arrays, LR/EPOCHS "
+                    "separated by commas (e.g. 1e-5/4,3e-5/8)")
     args = ap.parse_args()
     lrs = [float(x) for x in args.dwq_lr.split(",") if x.strip()]
+    gd = [(float(a), int(b)) for a, b in (x.split("/") for x in args.gptq_dwq.split(",") if x.strip())]
     for m in args.models:
-        measure(m, args.format, args.samples, parse_settings(args.settings), lrs)
+        measure(m, args.format, args.samples, parse_settings(args.settings) if args.settings else [], lrs, gd)
     return 0
 
 

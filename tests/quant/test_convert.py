@@ -260,7 +260,9 @@ def test_json_on_stdout_progress_with_eta_on_stderr(nemotron_dense, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)  # nothing but the report on stdout
     assert report["verify"]["ok"] and report["sensitivity_cost"]["block_forward_equivalents"]
-    for stage in ("calibration forward", "calibration backward + estimates", "evaluate and write", "held-out check"):
+    # "write" alone where no uniform rival is measured beside the plan
+    written = "evaluate and write" if report["refinement"]["compared"] else "write"
+    for stage in ("calibration forward", "calibration backward + estimates", written, "held-out check"):
         assert f"{stage}:" in r.stderr and stage in report["seconds"]
     assert "ETA" in r.stderr and "elapsed" in r.stderr
 
@@ -293,3 +295,29 @@ def test_refine_tunes_scales_and_biases_only_and_records_it(converted, nemotron_
         assert mx.array_equal(ma.weight, mb.weight).item()
         same = mx.array_equal(ma.scales, mb.scales).item() and mx.array_equal(ma.biases, mb.biases).item()
         assert same == (p not in tuned), p
+
+
+def test_a_rival_the_estimates_rule_out_is_not_measured(converted, nemotron_moe, tmp_path, monkeypatch):
+    """The uniform rival gets a stream unless its predicted KL is RIVAL_MARGIN times the plan's; then it is
+    named with its prediction (the sum of its formats' costs), and the plan is written all the same."""
+    import mixq.quant.convert as conv
+
+    sens = converted[0] / "mixq" / "sensitivity.json"
+    runs = {}
+    for margin in (float("inf"), 0.0):
+        monkeypatch.setattr(conv, "RIVAL_MARGIN", margin)
+        out = tmp_path / f"m{margin}"
+        runs[margin] = out, convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5,
+                                                   sensitivity=str(sens), **SMALL))["refinement"]
+    (measured_out, measured), (screened_out, screened) = runs[float("inf")], runs[0.0]
+    (name, _), = measured["compared"].items()
+    assert "not_measured" not in measured
+    assert screened["compared"] == {} and not screened["applied"]
+    assert list(screened["not_measured"]["predicted_kl"]) == [name]
+    plan = json.loads((screened_out / "mixq" / "plan.json").read_text())
+    lm = load(str(nemotron_moe))
+    fmts, _ = uniform_formats(describe(lm.model, lm.config), Format.parse(name))
+    want = sum(e["sensitivity"][str(fmts[p])] for p, e in plan["tensors"].items())
+    assert screened["not_measured"]["predicted_kl"][name] == pytest.approx(want, rel=1e-5)
+    if not measured["applied"]:
+        assert (screened_out / "model.safetensors").read_bytes() == (measured_out / "model.safetensors").read_bytes()

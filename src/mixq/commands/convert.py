@@ -91,6 +91,10 @@ def run(args) -> int:
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, measured {plan['measured_kl_calibration']:.5f}"
           + ("  [refined: " + report["refinement"]["reason"] + "]" if report["refinement"]["applied"] else ""))
+    skipped = report["refinement"].get("not_measured")
+    if skipped:
+        print("not measured against the plan (" + skipped["reason"] + "): " + ", ".join(
+            f"uniform {k} predicted KL {v:.5f}" for k, v in skipped["predicted_kl"].items()))
     tuning = report.get("tuning")
     if tuning:
         print(f"tuning ({tuning['method']}): calibration KL {tuning['kl_calibration_before']:.5f} -> "

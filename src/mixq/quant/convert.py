@@ -31,12 +31,13 @@ from mixq.quant.calibpass import Calibration, make_rounding
 from mixq.quant.evaluate import WrittenModel, evaluate
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
 from mixq.quant.preflight import format_preflight, preflight
-from mixq.quant.sensitivity import FORMAT, METHODS, load_sensitivity
+from mixq.quant.sensitivity import FORMAT, METHODS, _round, load_sensitivity
 from mixq.quant.sweep import Stream
 from mixq.quant.tune import BlockTuner, TuneSettings
 from mixq.quant.write import PlanWriter, quantization_config
 
-REFINE_UNIFORM = 1  # the largest uniform format that fits the budget is measured against the plan
+REFINE_UNIFORM = 1  # the largest uniform format that fits the budget is measured against the plan ...
+RIVAL_MARGIN = 10.0  # ... unless the estimates predict it >= this many times the plan's KL (measured: 7x apart)
 UNTUNED = "mixq (untuned)"
 
 
@@ -278,13 +279,31 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
     return got
 
 
+def _screen_rivals(plan, rivals) -> tuple[list, dict]:
+    """The rivals worth a stream: those the estimates do not already put RIVAL_MARGIN times above the plan
+    (a stream is a forward of the whole model plus the rival's GPTQ solves). Returns them and the rest's
+    predicted KLs."""
+    kept, skipped = [], {}
+    for nbytes, name, fmts in rivals:
+        pred = sum(float(e["sensitivity"].get(str(fmts[p]), "nan")) for p, e in plan["tensors"].items())
+        if pred == pred and plan["predicted_kl"] > 0 and pred >= RIVAL_MARGIN * plan["predicted_kl"]:
+            skipped[name] = _round(pred)
+        else:
+            kept.append((nbytes, name, fmts))
+    return kept, skipped
+
+
 def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians, candidates, tmp, prog,
                         timings, references):
-    rivals = _uniform_rivals(anatomy, lm, candidates, plan)
+    rivals, skipped = _screen_rivals(plan, _uniform_rivals(anatomy, lm, candidates, plan))
     got = _write_sweep(opts, lm, anatomy, runner, windows, plan_formats(plan), rounding, hessians, rivals, tmp, prog,
                        timings, references)
     mixq_calib = got["mixq"]
     refinement = {"applied": False, "compared": {name: got[name]["kl_mean"] for _, name, _ in rivals}}
+    if skipped:
+        refinement["not_measured"] = {
+            "predicted_kl": skipped, "plan_predicted_kl": _round(plan["predicted_kl"]),
+            "reason": f"predicted >= {RIVAL_MARGIN:g}x the plan's KL"}
     best = min(((got[name]["kl_mean"], name, fmts) for _, name, fmts in rivals), default=None, key=lambda x: x[0])
     if best is not None and best[0] < mixq_calib["kl_mean"]:
         # interactions made the knapsack's pick worse than a simpler plan that fits: take the simpler one
