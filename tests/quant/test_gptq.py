@@ -89,6 +89,31 @@ def test_slices_where_round_to_nearest_is_better_keep_it_exactly(seed, group, ke
     assert r.name_for("w", fmt) == ("rtn" if all(kept) else "gptq")
 
 
+@pytest.mark.parametrize("workset", [None, 1])
+def test_the_check_against_round_to_nearest_reads_every_kth_row(workset, monkeypatch):
+    # k = rows // CHECK_ROWS; the sampled rows are the slice's rows 0, k, 2k, ... also across row chunks
+    W = np.random.default_rng(0).standard_normal((2, 48, 128)).astype(np.float32)
+    X = np.random.default_rng(1).standard_normal((256, 128))
+    monkeypatch.setattr(gptq, "CHECK_ROWS", 16)   # 48 rows: every 3rd
+    if workset:   # 32-row steps: the second starts at row 32, not a multiple of 3
+        monkeypatch.setattr(gptq, "WORKSET_BYTES", workset)
+    seen = []
+    check = gptq._excess_error
+
+    def spy(Wsrc, g, r, H, kw):
+        seen.append(np.array(Wsrc.astype(mx.float32)))
+        assert all(a.shape[:2] == Wsrc.shape[:2] for a in (*g, *r))
+        return check(Wsrc, g, r, H, kw)
+
+    monkeypatch.setattr(gptq, "_excess_error", spy)
+    Rounding({"w": X.T @ X}).quantized("w", mx.array(W), Format.affine(4, 64))
+    if workset:
+        got = np.stack([np.concatenate(seen[2 * e:2 * e + 2], axis=1)[0] for e in range(2)])
+    else:
+        (got,) = seen
+    assert np.array_equal(got, W[:, ::3])
+
+
 def test_gptq_with_no_data_is_plain_rounding():
     W, _ = _problem(cols=64)
     q, S, B = gptq_2d(W, np.zeros((64, 64)), 4, 64, "float32", clip=(1.0,))

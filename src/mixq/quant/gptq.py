@@ -33,12 +33,13 @@ import numpy as np
 from mixq.core.blas import numpy_on_cpu
 from mixq.core.formats import Format, applicable, dequantize, quantize_dequantize
 
-GPTQ_VERSION = "gptq-v4"   # v4: factors by LAPACK in place (float32, last bits differ)
+GPTQ_VERSION = "gptq-v5"   # v5: the check against round-to-nearest on a sample of rows (v4: LAPACK factors)
 DAMP = 0.01   # fraction of mean(diag H) added to the diagonal: keeps H invertible, standard in GPTQ
 BLOCK = 32    # columns per lazy-update block (every group size is a multiple: a group spanning blocks starts at one)
 WORKSET_BYTES = 256 << 20  # float32 bytes of one step: its rows' arrays (and its experts' stacked factors)
 LIVE_COPIES = 4            # float32 arrays of a step's size the solve holds at once (measured)
 CHECK_COPIES = 10          # the same for the check against round-to-nearest (run on a few rows at a time)
+CHECK_ROWS = 1024          # the check runs on every k-th row, k = rows // CHECK_ROWS (it was ~1/4 of a solve)
 CACHE_ENTRIES = 1 << 20    # packed results `Rounding` keeps (keep=True) ...
 CACHE_BYTES = 1 << 30      # ... and their bytes in all; see `Rounding`
 SPILL_BYTES = 64 << 30     # the same kept in files (`Rounding(spill=DIR)`)
@@ -431,6 +432,7 @@ class Rounding:
         F = len(fmts)
         kws = [dict(group_size=f.group_size, bits=f.bits, mode="affine") for f in fmts]
         worse = np.zeros((F, slices))   # per format and slice: GPTQ's output error minus round-to-nearest's
+        stride = max(1, rows // CHECK_ROWS)   # ... estimated on every stride-th row of the slice
         parts = []                      # per step: (e0, e1, r0, r1, per format GPTQ's packed arrays)
         for e0, e1, r0, r1 in _steps(slices, rows, cols, len(Us) > 1, copies=F):
             Wsrc = W3[e0:e1, r0:r1]
@@ -441,18 +443,20 @@ class Rounding:
                             [f.bits for f in fmts for _ in range(n)] if F > 1 else fmts[0].bits,
                             fmts[0].group_size, dtype, self.clip)
             gs = []
+            rs = slice((-r0) % stride, None, stride)   # the sampled rows of this step (global index % stride == 0)
+            Hh = Hs if Hs is not None else [H[e] for e in range(e0, e1)]
             for k, fmt in enumerate(fmts):
                 sl = slice(k * n, (k + 1) * n)
                 g = (pack(q[sl], fmt.bits), S[sl].astype(w.dtype), B[sl].astype(w.dtype))
-                r = tuple(mx.quantize(Wsrc, **kws[k]))
-                mx.eval(*g, *r)
-                Hh = Hs if Hs is not None else [H[e] for e in range(e0, e1)]
-                worse[k, e0:e1] += _excess_error(Wsrc, g, r, Hh, kws[k])
+                mx.eval(*g)
+                r = tuple(mx.quantize(Wsrc[:, rs], **kws[k]))
+                worse[k, e0:e1] += stride * _excess_error(Wsrc[:, rs], tuple(a[:, rs] for a in g), r, Hh, kws[k])
                 gs.append(g)
             del q, S, B, Uc
             parts.append((e0, e1, r0, r1, gs))
-        # never worse than round-to-nearest on the output error GPTQ minimises (matters at 2 bits); its
-        # arrays are not kept but quantized again, step by step, for the slices that take them
+        # never worse than round-to-nearest on the output error GPTQ minimises, as the row sample estimates it
+        # (matters at 2 bits); its arrays are not kept but quantized again, step by step, for the slices that
+        # take them
         results = []
         for k in range(F):
             take_rtn = worse[k] > 0
