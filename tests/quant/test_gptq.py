@@ -114,6 +114,25 @@ def test_the_check_against_round_to_nearest_reads_every_kth_row(workset, monkeyp
     assert np.array_equal(got, W[:, ::3])
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_outer_blocks_round_as_updating_every_later_column_each_block(group, monkeypatch):
+    # 640 columns: outer blocks of 256, 256 and 128; with OUTER = BLOCK every block updates all later columns
+    W, X = _problem(rows=64, cols=640, seed=6)
+    U = gptq._inverse_cholesky((X.T @ X).astype(np.float32))[None]
+    Wm = mx.array(W.astype(np.float32))[None]
+    got = {}
+    for outer in (gptq.BLOCK, 256):
+        monkeypatch.setattr(gptq, "OUTER", outer)
+        got[outer] = [np.array(a) for a in gptq._gptq(Wm, U, 4, group, "float32")]
+    (qa, sa, ba), (qb, sb, bb) = got[gptq.BLOCK], got[256]
+    assert (qa != qb).mean() < 1e-3   # float32 sums in another order: a rare tie goes the other way
+    deq = [(q.reshape(64, -1, group) * s[..., None] + b[..., None]).reshape(64, 640)
+           for q, s, b in ((qa[0], sa[0], ba[0]), (qb[0], sb[0], bb[0]))]
+    H = X.T @ X
+    e = [np.einsum("ij,jk,ik->", W - d, H, W - d) for d in deq]
+    assert abs(e[1] - e[0]) <= 1e-4 * e[0]
+
+
 def test_gptq_with_no_data_is_plain_rounding():
     W, _ = _problem(cols=64)
     q, S, B = gptq_2d(W, np.zeros((64, 64)), 4, 64, "float32", clip=(1.0,))

@@ -33,9 +33,11 @@ import numpy as np
 from mixq.core.blas import numpy_on_cpu
 from mixq.core.formats import Format, applicable, dequantize, quantize_dequantize
 
-GPTQ_VERSION = "gptq-v5"   # v5: the check against round-to-nearest on a sample of rows (v4: LAPACK factors)
+GPTQ_VERSION = "gptq-v5"   # v5: outer blocks, the check on a row sample (v4: LAPACK factors, last bits)
 DAMP = 0.01   # fraction of mean(diag H) added to the diagonal: keeps H invertible, standard in GPTQ
 BLOCK = 32    # columns per lazy-update block (every group size is a multiple: a group spanning blocks starts at one)
+OUTER = 256   # columns whose errors reach the later columns in one product (GPTQ's lazy batch update): depth-32
+              # products were memory-bound, reading and writing every later column each 32 columns
 WORKSET_BYTES = 256 << 20  # float32 bytes of one step: its rows' arrays (and its experts' stacked factors)
 LIVE_COPIES = 4            # float32 arrays of a step's size the solve holds at once (measured)
 CHECK_COPIES = 10          # the same for the check against round-to-nearest (run on a few rows at a time)
@@ -117,12 +119,12 @@ def _inverse_cholesky(H) -> np.ndarray:
     return np.eye(cols, dtype=np.float32)
 
 
-def _factor_rows(U, i1: int, i2: int):
-    """U[..., i1:i2, i1:] as an mx float32 array: factors are kept in numpy (made there, in place) and
+def _factor_rows(U, i1: int, i2: int, j1: int, j2: int):
+    """U[..., i1:i2, j1:j2] as an mx float32 array: factors are kept in numpy (made there, in place) and
     sent to the device a block of rows at a time, so no second full copy of a factor exists."""
     import mlx.core as mx
 
-    return mx.array(np.ascontiguousarray(U[..., i1:i2, i1:], np.float32))
+    return mx.array(np.ascontiguousarray(U[..., i1:i2, j1:j2], np.float32))
 
 
 def _round_block(W1, Ub, d, s, b, maxq):
@@ -221,23 +223,32 @@ def _gptq(W, U, bits, group: int, dtype: str, clip: tuple | None = None):
     step = _compiled_round_block()
     maxq_np = np.array(maxq) if on_cpu else None
     qs, S, B = [], [], []
-    rest = W                                                # columns not yet rounded, updated lazily
-    for i1 in range(0, cols, BLOCK):
-        i2 = min(i1 + BLOCK, cols)
-        if i1 % group == 0:   # scale and bias from the group's columns as updated so far (`rest` is, here)
-            s, b = _compiled_group_scale(src, tiny, clip)(rest[..., :group], d[..., i1:i1 + group], maxq)
-            S.append(s), B.append(b)
+    rest = W                     # columns not yet rounded, updated lazily: beyond the outer block once per block
+    outer = max(OUTER, group)    # a multiple of every group size (32, 64, 128): groups never straddle blocks
+    for o1 in range(0, cols, outer):
+        o2 = min(o1 + outer, cols)
+        cur, errs = rest[..., :o2 - o1], []   # the outer block's columns not yet rounded, kept up to date
+        for i1 in range(o1, o2, BLOCK):
+            i2 = min(i1 + BLOCK, o2)
+            if i1 % group == 0:   # scale and bias from the group's columns as updated so far (`cur` is, here)
+                s, b = _compiled_group_scale(src, tiny, clip)(cur[..., :group], d[..., i1:i1 + group], maxq)
+                S.append(s), B.append(b)
+                if on_cpu:
+                    s_np, b_np = np.array(s), np.array(b)
+            Urows = _factor_rows(U, i1, i2, i1, o2)               # (E|1, i2 - i1, o2 - i1)
             if on_cpu:
-                s_np, b_np = np.array(s), np.array(b)
-        Urows = _factor_rows(U, i1, i2)                     # (E|1, i2 - i1, cols - i1)
-        if on_cpu:
-            q, err = _round_block_np(rest[..., :i2 - i1], U[..., i1:i2, i1:i2], d_np[:, i1:i2], s_np, b_np, maxq_np)
-        else:
-            q, err = step(rest[..., :i2 - i1], Urows[..., :i2 - i1], d[..., i1:i2], s, b, maxq)
-        qs.append(q)
-        if i2 < cols:
-            rest = mx.addmm(rest[..., i2 - i1:], err, Urows[..., i2 - i1:], alpha=-1.0)
-        mx.eval(rest, qs[-1], S[-1], B[-1])
+                q, err = _round_block_np(cur[..., :i2 - i1], U[..., i1:i2, i1:i2], d_np[:, i1:i2], s_np, b_np,
+                                         maxq_np)
+            else:
+                q, err = step(cur[..., :i2 - i1], Urows[..., :i2 - i1], d[..., i1:i2], s, b, maxq)
+            qs.append(q), errs.append(err)
+            if i2 < o2:
+                cur = mx.addmm(cur[..., i2 - i1:], err, Urows[..., i2 - i1:], alpha=-1.0)
+            mx.eval(cur, qs[-1], S[-1], B[-1])
+        if o2 < cols:   # the block's errors onto the later columns: one product of depth `outer`, not 8 of 32
+            rest = mx.addmm(rest[..., o2 - o1:], mx.concatenate(errs, axis=-1), _factor_rows(U, o1, o2, o2, cols),
+                            alpha=-1.0)
+            mx.eval(rest)
     return mx.concatenate(qs, axis=-1), mx.stack(S, axis=-1), mx.stack(B, axis=-1)
 
 
@@ -338,7 +349,7 @@ class Rounding:
         if not self.hessians:
             return {"method": "rtn"}
         clip = {} if self.clip == (1.0,) else {"clip": list(self.clip)}
-        return {"method": GPTQ_VERSION, "damp": DAMP, "block": BLOCK, **clip, **self._settings}
+        return {"method": GPTQ_VERSION, "damp": DAMP, "block": BLOCK, "outer": OUTER, **clip, **self._settings}
 
     def uses_gptq(self, path: str, fmt: Format) -> bool:
         return fmt.mode == "affine" and path in self.hessians
