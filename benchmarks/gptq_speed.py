@@ -8,7 +8,7 @@ already hold. The parent then scores both packed results on the H-weighted outpu
 131072 x 4480 lm_head runs with the mlx solver only (the reference would need ~20 GB): its peak RSS shows
 the row-chunked memory bound.
 
-Usage: python benchmarks/gptq_speed.py [--cases all|small|NAME,...] [--format 4:64] [--tokens 4096]
+Usage: python benchmarks/gptq_speed.py [--cases all|small|NAME,...] [--format 4:64] [--tokens 4096] [--new-only]
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def run_case(name: str, args, bits: int, group: int) -> dict:
     from mixq.core.formats import Format, quantize_dequantize
 
     shape, routed = CASES[name]
-    impls = ("new",) if name in NEW_ONLY else ("old", "new")
+    impls = ("new",) if name in NEW_ONLY or args.new_only else ("old", "new")
     row: dict = {"case": name}
     with tempfile.TemporaryDirectory(prefix="mixq-gptq-") as folder:
         W, H = make_inputs(shape, routed, args.tokens)
@@ -262,6 +262,8 @@ def main() -> int:
     ap.add_argument("--cases", default="all", help="all, small, or comma-separated names from: " + ", ".join(CASES))
     ap.add_argument("--format", default="4:64", help="affine bits:group (default 4:64)")
     ap.add_argument("--tokens", type=int, default=4096, help="calibration rows behind each dense Hessian")
+    ap.add_argument("--new-only", action="store_true", help="skip the float64 reference (e.g. to time two mixq "
+                    "versions: run this script with PYTHONPATH=<other checkout>/src)")
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     bits, group = (int(x) for x in args.format.split(":"))
