@@ -116,7 +116,8 @@ def test_the_check_against_round_to_nearest_reads_every_kth_row(workset, monkeyp
 
 @pytest.mark.parametrize("group", [32, 128])
 def test_outer_blocks_round_as_updating_every_later_column_each_block(group, monkeypatch):
-    # 640 columns: outer blocks of 256, 256 and 128; with OUTER = BLOCK every block updates all later columns
+    # 640 columns: outer blocks of 256, 256 and 128; with OUTER = BLOCK the outer block is the group (32: every
+    # block updates all later columns, as before outer blocks; 128: four blocks a product)
     W, X = _problem(rows=64, cols=640, seed=6)
     U = gptq._inverse_cholesky((X.T @ X).astype(np.float32))[None]
     Wm = mx.array(W.astype(np.float32))[None]

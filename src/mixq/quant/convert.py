@@ -279,13 +279,18 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
     return got
 
 
+def _predicted_kl(plan, fmts) -> float:
+    """The plan's tensors at `fmts` (path -> format): the sum of their sensitivity costs (nan if one is missing)."""
+    return sum(float(e["sensitivity"].get(str(fmts[p]), "nan")) for p, e in plan["tensors"].items())
+
+
 def _screen_rivals(plan, rivals) -> tuple[list, dict]:
     """The rivals worth a stream: those the estimates do not already put RIVAL_MARGIN times above the plan
     (a stream is a forward of the whole model plus the rival's GPTQ solves). Returns them and the rest's
     predicted KLs."""
     kept, skipped = [], {}
     for nbytes, name, fmts in rivals:
-        pred = sum(float(e["sensitivity"].get(str(fmts[p]), "nan")) for p, e in plan["tensors"].items())
+        pred = _predicted_kl(plan, fmts)
         if pred == pred and plan["predicted_kl"] > 0 and pred >= RIVAL_MARGIN * plan["predicted_kl"]:
             skipped[name] = _round(pred)
         else:
@@ -316,7 +321,7 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
             e["bytes"] = tensor_bytes(e["shape"], fmts[path], lm.source_dtypes.get(path, "float32"))
         plan["total_bytes"] = plan_bytes(anatomy, lm.source_dtypes, fmts)
         plan["achieved_bpw"] = plan["total_bytes"] * 8 / anatomy.mlx_lm_params
-        plan["predicted_kl"] = sum(float(e["sensitivity"].get(e["format"], "nan")) for e in plan["tensors"].values())
+        plan["predicted_kl"] = _predicted_kl(plan, fmts)
         shutil.rmtree(tmp, ignore_errors=True)
         mixq_calib = _write_sweep(opts, lm, anatomy, runner, windows, fmts, rounding, hessians, [], tmp, prog,
                                   timings, references)["mixq"]
