@@ -61,6 +61,7 @@ class Anatomy:
     # mlx-lm's compute_bits_per_weight divides by this: it counts leaf modules only, so parameters held
     # directly by a composite module (Mamba's A_log, D, dt_bias) are in its bytes but not its params
     mlx_lm_params: int = 0
+    top_k: int = 1         # routed experts per token (1 without experts)
 
     def cache_slots(self) -> dict[int, int | None]:
         return {l.index: l.cache_slot for l in self.layers}
@@ -230,4 +231,5 @@ def describe(model, config: dict, group_size: int = 64) -> Anatomy:
         total_params=sum(t.params for t in tensors),
         quantizable_params=sum(t.params for t in tensors if t.quantizable),
         mlx_lm_params=get_total_parameters(model),
+        top_k=int(config.get("num_experts_per_tok") or config.get("text_config", {}).get("num_experts_per_tok") or 1),
     )

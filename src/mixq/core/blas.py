@@ -95,3 +95,31 @@ def enable() -> dict:
 def info() -> dict:
     """What BLAS this process uses: status is fast / reference / disabled / platform / too-late."""
     return dict(_state)
+
+
+def _openblas():
+    """The loaded OpenBLAS's thread controls, or None (reference BLAS, another platform, MIXQ_BLAS=off)."""
+    if _state["status"] != "fast":
+        return None
+    try:
+        lib = ctypes.CDLL(None)
+        return lib if hasattr(lib, "openblas_set_num_threads") and hasattr(lib, "openblas_get_num_threads") \
+            else None
+    except OSError:
+        return None
+
+
+def threads() -> int | None:
+    """OpenBLAS's thread count (None when it is not the BLAS in use)."""
+    lib = _openblas()
+    return int(lib.openblas_get_num_threads()) if lib is not None else None
+
+
+def set_threads(n: int) -> int | None:
+    """Set OpenBLAS's thread count; returns the previous one (None, and nothing done, without OpenBLAS)."""
+    lib = _openblas()
+    if lib is None:
+        return None
+    old = int(lib.openblas_get_num_threads())
+    lib.openblas_set_num_threads(ctypes.c_int(max(1, int(n))))
+    return old

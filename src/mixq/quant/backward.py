@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from mixq.core.lanes import batch_bytes, lane_iter
 from mixq.quant.hessian import block_members, recording
 
 
@@ -66,7 +67,9 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
         with runner.resident(i), recording(runner.model, members) as recs:
             order = list(recs)
             shapes: dict = {}
-            for b, (h_in, g_out) in enumerate(zip(fwd.inputs[i], grads)):
+
+            def vjp(b, i=i, recs=recs, order=order, shapes=shapes):
+                h_in, g_out = fwd.inputs[i][b], grads[b]
                 if h_in.shape not in shapes:  # probe shapes: the graph built, never run (mlx infers shapes)
                     for r in recs.values():
                         r.paused = True
@@ -84,11 +87,22 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
                 _, vjps = mx.vjp(f, [h_in, *zeros], [g_out])
                 for r in recs.values():
                     r.probe = None
-                mx.eval(vjps, *[recs[p].last_input for p in order])
+                # this batch's inputs, put back on the recorders for on_batch once it is computed
+                seen[b] = {p: (recs[p].last_input, getattr(recs[p], "last_indices", None)) for p in order}
+                return vjps, [recs[p].last_input for p in order]
+
+            # each batch's graph built, then the batches evaluated side by side on the CPU (mixq.core.lanes)
+            seen: dict = {}
+            # a backward holds the forward's temporaries too: twice a forward's
+            item = 2 * batch_bytes(anatomy, grads[0].shape) if grads else 0
+            for b, (vjps, _) in lane_iter(vjp, list(range(len(grads))), item_bytes=item):
                 grads[b] = vjps[0]
                 bf += 3
                 if on_batch:
+                    for p, (x, idx) in seen[b].items():
+                        recs[p].last_input, recs[p].last_indices = x, idx
                     on_batch(i, recs, dict(zip(order, vjps[1:])))
+                del seen[b]
         if on_block:  # after the block's float copy is let go: what it does (GPTQ) needs the room
             on_block(i, recs)
         fwd.inputs[i] = None  # this block's inputs are no longer needed

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from mixq.core.formats import Format
 from mixq.core.head import compare_many
+from mixq.core.lanes import batch_bytes, lane_map
 from mixq.quant.hessian import HessianMap, block_members, recording
 from mixq.quant.qweight import QuantizedWeight, round_weight, round_weights
 
@@ -158,6 +159,7 @@ class ForwardSweep:
             (grams and hessians is not None and not hessians.kept_all(range(n)))
         bf = float(len(self.batches) * n) if float_run else 0.0
         block_seconds = []
+        item = batch_bytes(self.anatomy, h[0].shape) if h else 0   # a batch's temporaries (lanes)
         for i in range(n):
             tb = time.perf_counter()
             kept = hessians.kept(i) if grams and hessians is not None else None
@@ -169,9 +171,7 @@ class ForwardSweep:
                 h_in = h
                 if float_run:
                     with recording(r.model, members) as recs:
-                        h = [r.block(i, x) for x in h_in]
-                        for x in h:
-                            mx.eval(x)
+                        h = lane_map(lambda x, i=i: r.block(i, x), h_in, item_bytes=item)
                 if hessians is not None and grams:
                     hessians.set_block(i, kept if kept is not None else
                                        {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None})
@@ -191,9 +191,7 @@ class ForwardSweep:
                             on_rounded(s, p, q)
                         over[p] = q.full(r.compute)
                     with r.swap(i, over):
-                        s.h = [r.block(i, x) for x in s.h]
-                        for x in s.h:
-                            mx.eval(x)
+                        s.h = lane_map(lambda x, i=i: r.block(i, x), s.h, item_bytes=item)
                     bf += len(self.batches)
             block_seconds.append(time.perf_counter() - tb)
             if self.progress:
