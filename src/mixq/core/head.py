@@ -88,8 +88,8 @@ class Head:
         shape, P = hn.shape[:-1], _positions(hn)
         tg = None if targets is None else np.array(targets).reshape(-1)
         m = s = best_v = best_i = tgt = labels = None
-        for c, (a, b) in enumerate(bounds):
-            z = np.array(self.chunk(hn, a, b), dtype=np.float32).reshape(P, b - a)
+        for c, (a, b, (z,)) in enumerate(_prefetched(bounds, lambda a, b: [self.chunk(hn, a, b)], True)):
+            z = np.array(z, dtype=np.float32).reshape(P, b - a)
             best_v, best_i = _argmax_merge_np(best_v, best_i, z, a)
             if tg is not None:
                 tgt = _gather_in_np(tgt, z, tg, a, b)
@@ -186,8 +186,10 @@ def compare_many(compared: list, ref: "Reference", ref_head: "Head", targets=Non
     acc = [{"s0": 0.0, "a": 0.0, "b": 0.0, "v": None, "i": None, "t": None} for _ in compared]
     lse = np.array(ref.lse).reshape(-1, 1) if on_cpu else ref.lse[..., None]
     tg = None if targets is None else (np.array(targets).reshape(-1) if on_cpu else targets)
-    for lo, hi in ref_head.bounds_for(_positions(ref.hn)):
-        zp = ref_head.chunk(ref.hn, lo, hi)
+    def logits(lo, hi):
+        return [ref_head.chunk(ref.hn, lo, hi)] + [head.chunk(hn, lo, hi) for head, hn in compared]
+
+    for lo, hi, (zp, *zqs) in _prefetched(ref_head.bounds_for(_positions(ref.hn)), logits, on_cpu):
         if on_cpu:
             zp = np.array(zp).reshape(-1, hi - lo)
             p = np.exp(zp - lse)
@@ -195,8 +197,7 @@ def compare_many(compared: list, ref: "Reference", ref_head: "Head", targets=Non
         else:
             p = mx.exp(zp - lse)
             s0 = p.sum(axis=-1)
-        for (head, hn), st in zip(compared, acc):
-            zq = head.chunk(hn, lo, hi)
+        for zq, st in zip(zqs, acc):
             if on_cpu:
                 _stats_np(st, zp, p, s0, np.array(zq).reshape(-1, hi - lo), lo, hi, tg)
             else:
@@ -211,6 +212,24 @@ def compare_many(compared: list, ref: "Reference", ref_head: "Head", targets=Non
             r["nll"] = ref.lse + mx.log(s0 + b) - t
         out.append(r)
     return out
+
+
+def _prefetched(bounds: list, make, on: bool = True):
+    """(lo, hi, make(lo, hi)) per chunk; with `on`, the next chunk's arrays are computed by mlx (BLAS)
+    while the caller works on this one in numpy, the two cores busy at once (`mx.async_eval`)."""
+    import mlx.core as mx
+
+    nxt = None
+    for k, (lo, hi) in enumerate(bounds):
+        cur = nxt if nxt is not None else make(lo, hi)
+        if on:
+            if nxt is None:
+                mx.async_eval(cur)
+            nxt = make(*bounds[k + 1]) if k + 1 < len(bounds) else None
+            if nxt is not None:
+                mx.async_eval(nxt)
+        yield lo, hi, cur
+        del cur
 
 
 def _stats_np(st: dict, zp, p, s0, zq, lo: int, hi: int, targets) -> None:
