@@ -186,6 +186,7 @@ def compare_many(compared: list, ref: "Reference", ref_head: "Head", targets=Non
     acc = [{"s0": 0.0, "a": 0.0, "b": 0.0, "v": None, "i": None, "t": None} for _ in compared]
     lse = np.array(ref.lse).reshape(-1, 1) if on_cpu else ref.lse[..., None]
     tg = None if targets is None else (np.array(targets).reshape(-1) if on_cpu else targets)
+
     def logits(lo, hi):
         return [ref_head.chunk(ref.hn, lo, hi)] + [head.chunk(hn, lo, hi) for head, hn in compared]
 

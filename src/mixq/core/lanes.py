@@ -2,7 +2,7 @@
 
 mlx runs the element-wise ops of a CPU stream on one thread (only its BLAS calls use more), and on a CPU
 they are most of a forward: a llama-135M block pass over 16 x 256 tokens spends ~17 of its 25 s in silu and
-softmax. `Lanes.map` builds each batch's graph on its own CPU stream and evaluates them together, with
+softmax. `lane_map` builds each batch's graph on its own CPU stream and evaluates them together, with
 OpenBLAS set to cores // lanes threads meanwhile so the cores are not oversubscribed (measured on 2 cores:
 that pass 24.8 -> 16.6 s, results bit-identical). Off the CPU there is one lane and each item is evaluated
 on its own, as before, so a GPU holds one batch's activations at a time. Each extra lane holds another

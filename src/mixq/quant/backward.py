@@ -61,6 +61,8 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
     grads, head_fisher = head_cotangents(runner, fwd)
     bf = 0.0
     block_seconds = [0.0] * n
+    # a batch's temporaries for the lanes: a backward holds the forward's too, twice a forward's
+    item = 2 * batch_bytes(anatomy, grads[0].shape) if grads else 0
     for i in reversed(range(n)):
         tb = time.perf_counter()
         members = block_members(anatomy, i, gptq_paths)
@@ -87,22 +89,17 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
                 _, vjps = mx.vjp(f, [h_in, *zeros], [g_out])
                 for r in recs.values():
                     r.probe = None
-                # this batch's inputs, put back on the recorders for on_batch once it is computed
-                seen[b] = {p: (recs[p].last_input, getattr(recs[p], "last_indices", None)) for p in order}
-                return vjps, [recs[p].last_input for p in order]
+                # this batch's inputs (computed with it), put back on the recorders for its on_batch
+                return vjps, {p: (recs[p].last_input, getattr(recs[p], "last_indices", None)) for p in order}
 
             # each batch's graph built, then the batches evaluated side by side on the CPU (mixq.core.lanes)
-            seen: dict = {}
-            # a backward holds the forward's temporaries too: twice a forward's
-            item = 2 * batch_bytes(anatomy, grads[0].shape) if grads else 0
-            for b, (vjps, _) in lane_iter(vjp, list(range(len(grads))), item_bytes=item):
+            for b, (vjps, seen) in lane_iter(vjp, list(range(len(grads))), item_bytes=item):
                 grads[b] = vjps[0]
                 bf += 3
                 if on_batch:
-                    for p, (x, idx) in seen[b].items():
+                    for p, (x, idx) in seen.items():
                         recs[p].last_input, recs[p].last_indices = x, idx
                     on_batch(i, recs, dict(zip(order, vjps[1:])))
-                del seen[b]
         if on_block:  # after the block's float copy is let go: what it does (GPTQ) needs the room
             on_block(i, recs)
         fwd.inputs[i] = None  # this block's inputs are no longer needed

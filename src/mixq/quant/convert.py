@@ -139,9 +139,8 @@ def convert(opts: ConvertOptions) -> dict:
     windows = calibration.make_windows(docs, lm.tokenizer, n_samples=opts.samples, seq_len=opts.seq_len,
                                        seed=opts.seed)
     emb = next(t for t in anatomy.tensors if t.module_type == "Embedding")
-    top_k = int(lm.config.get("num_experts_per_tok") or 1)
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
-                   batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=top_k,
+                   batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
                    stream_weights=opts.stream_weights)
     if opts.dry_run:
         return {"dry_run": True, "target_bpw": opts.target_bpw, "preflight": pf.to_dict(),
