@@ -104,6 +104,10 @@ def build_fixture(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     arch = importlib.import_module(f"mlx_lm.models.{check_model_type(config)}")
     mx.random.seed(seed)
     model = arch.Model(arch.ModelArgs.from_dict(config))
+    for name, m in model.named_modules():
+        # mlx-lm starts MoE routers at zero (every expert ties): give them scores that differ
+        if hasattr(m, "e_score_correction_bias") and hasattr(m, "weight"):
+            m.weight = mx.random.normal(m.weight.shape) * m.weight.shape[-1] ** -0.5
     weights = {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})

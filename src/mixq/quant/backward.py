@@ -9,7 +9,8 @@ wrapped by a recorder whose zero "probe" is added to its output: the gradient wi
 is the gradient with respect to the layer's output, per position, next to the layer's input; the
 recorders also accumulate the input second moments GPTQ rounds against.
 
-`on_batch(i, recorders, grads)` sees each batch's per-position inputs and output gradients;
+`on_batch(i, recorders, grads, flip_grads)` sees each batch's per-position inputs and output gradients
+(`flip_grads`: the same for the routers' margin cotangent of `mixq.quant.flips`, or None);
 `on_block(i, recorders)` runs once the block's batches are done (the block is still resident: rounding
 and estimates happen there). The gradient reaching the embedding output is returned per batch (the
 embedding's Fisher). Cost: one block forward + one backward (counted as two forwards) per block and batch.
@@ -27,6 +28,7 @@ from mixq.quant.hessian import block_members, recording
 @dataclass
 class BackwardResult:
     embed_grads: list      # per batch: d loglik / d (embedding output), (b, L, d) float32
+    embed_flip_grads: list  # per batch: the margin cotangent at the embedding output, or None
     head_fisher: object    # (vocab,) sum over positions of p (1 - p) per head row (the head's Fisher diagonal)
     block_forwards: float
     seconds: float
@@ -53,7 +55,9 @@ def head_cotangents(runner, fwd) -> tuple:
 
 
 def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=None,
-                   progress=None) -> BackwardResult:
+                   progress=None, flips=None) -> BackwardResult:
+    """`flips` (a `mixq.quant.flips.RouterFlips`, with routers): its margin cotangent is carried down
+    beside the sampled-label one (a second vector-Jacobian product per block below the last router)."""
     import mlx.core as mx
 
     t0 = time.perf_counter()
@@ -62,7 +66,7 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
     bf = 0.0
     block_seconds = [0.0] * n
     # a batch's temporaries for the lanes: a backward holds the forward's too, twice a forward's
-    item = 2 * batch_bytes(anatomy, grads[0].shape) if grads else 0
+    item = (4 if flips else 2) * batch_bytes(anatomy, grads[0].shape) if grads else 0
     for i in reversed(range(n)):
         tb = time.perf_counter()
         members = block_members(anatomy, i, gptq_paths)
@@ -90,21 +94,49 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
                 for r in recs.values():
                     r.probe = None
                 # this batch's inputs (computed with it), put back on the recorders for its on_batch
-                return vjps, {p: (recs[p].last_input, getattr(recs[p], "last_indices", None)) for p in order}
+                seen = {p: (recs[p].last_input, getattr(recs[p], "last_indices", None)) for p in order}
+                return vjps, seen, (_flip_terms(b, h_in, g_out, f, zeros) if flips else None)
+
+            def _flip_terms(b, h_in, g_out, f, zeros, i=i, recs=recs):
+                for r in recs.values():
+                    r.quiet = True
+                carried = flips.cot.get(b)
+                fv = mx.vjp(f, [h_in, *zeros], [carried])[1] if carried is not None else None
+                for r in recs.values():
+                    r.probe = None
+                terms = flips.terms(i, b, h_in, g_out) if i in flips.routers else None
+                for r in recs.values():
+                    r.quiet = False
+                return fv, terms
 
             # each batch's graph built, then the batches evaluated side by side on the CPU (mixq.core.lanes)
-            for b, (vjps, seen) in lane_iter(vjp, list(range(len(grads))), item_bytes=item):
+            for b, (vjps, seen, extra) in lane_iter(vjp, list(range(len(grads))), item_bytes=item):
                 grads[b] = vjps[0]
                 bf += 3
+                fgrads = None
+                if extra is not None:
+                    fv, terms = extra
+                    cot = fv[0] if fv is not None else None
+                    fgrads = dict(zip(order, fv[1:])) if fv is not None else None
+                    bf += 3 if fv is not None else 0
+                    if terms is not None:
+                        inj, m, c = terms
+                        flips.record(i, m, c)
+                        cot = inj if cot is None else cot + inj
+                        bf += 2  # the routed experts twice (chosen, flipped) for the jump
+                    if cot is not None:
+                        flips.cot[b] = cot
+                        mx.eval(cot)
                 if on_batch:
                     for p, (x, idx) in seen.items():
                         recs[p].last_input, recs[p].last_indices = x, idx
-                    on_batch(i, recs, dict(zip(order, vjps[1:])))
+                    on_batch(i, recs, dict(zip(order, vjps[1:])), fgrads)
         if on_block:  # after the block's float copy is let go: what it does (GPTQ) needs the room
             on_block(i, recs)
         fwd.inputs[i] = None  # this block's inputs are no longer needed
         block_seconds[i] = time.perf_counter() - tb
         if progress:
             progress(n - i, n, "blocks")
-    return BackwardResult(embed_grads=grads, head_fisher=head_fisher, block_forwards=bf, seconds=time.perf_counter() - t0,
-                          block_seconds=block_seconds)
+    embed_flip = [flips.cot.get(b) for b in range(len(grads))] if flips else [None] * len(grads)
+    return BackwardResult(embed_grads=grads, embed_flip_grads=embed_flip, head_fisher=head_fisher,
+                          block_forwards=bf, seconds=time.perf_counter() - t0, block_seconds=block_seconds)

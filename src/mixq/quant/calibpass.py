@@ -25,6 +25,7 @@ from mixq.core.head import compare_many
 from mixq.quant.backward import backward_sweep
 from mixq.quant.estimate import (ESTIMATOR, FisherStats, embedding_estimate, head_estimate, near_formats,
                                  rounded_estimates)
+from mixq.quant.flips import RouterFlips
 from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, normalised_sum
 from mixq.quant.plan import candidate_items
 from mixq.quant.qweight import round_weights
@@ -77,6 +78,7 @@ class Calibration:
         self.store = Partial(partial, {**(key or {}), "method": METHODS[method]})
         self.resumed = sum(1 for r in self.store.done.values() if r["id"].startswith("t:"))
         self.progress = progress
+        self._flips, self._embed_flip = None, None  # MoE routers' flips (mixq.quant.flips), from the backward
         self.units: dict = {}
         self.seconds: dict = {}
         self.block_seconds: dict = {}  # stage -> seconds per block (for projections to deeper models)
@@ -205,13 +207,14 @@ class Calibration:
         r = self.runner
         stats = FisherStats(self.n_positions)
         est_units = [0.0]
+        self._flips = (RouterFlips(r, self.seed) if estimate else None) or None  # None: no routers
 
-        def on_batch(i, recs, grads):
+        def on_batch(i, recs, grads, flip_grads):
             if not estimate:
                 return
             for p, g in grads.items():
                 if p in self.by_path and f"t:{p}" not in self.store.done:
-                    stats.add(p, recs[p], g)
+                    stats.add(p, recs[p], g, flip_grads.get(p) if flip_grads else None)
 
         def on_block(i, recs):
             H = {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None}
@@ -232,23 +235,26 @@ class Calibration:
                     def est(q, p=p, w32=w32, cheap=False):
                         if not w32:
                             w32.append(stored[p].astype(mx.float32))
-                        form = stats.cheap_estimate if cheap else stats.estimate
-                        return (form(p, H[p], w32[0] - q.full(mx.float32)),)
+                        return stats.parts(p, H[p], w32[0] - q.full(mx.float32), cheap=cheap)
 
                     parts = rounded_estimates(self.rounding, p, stored[p], fmts, near, est,
                                               cheap=lambda q, est=est: est(q, cheap=True))
-                    costs = {f: _round(v[0]) for f, v in parts.items()}
+                    flip = {f: _round(self._flips.cost(t.layer, v[1], self.n_positions)) if self._flips else 0.0
+                            for f, v in parts.items()}
+                    costs = {f: _round(v[0] + flip[f]) for f, v in parts.items()}
                     del w32[:]
-                    self.store.add({"id": f"t:{p}", "path": p, "estimates": costs})
+                    self.store.add({"id": f"t:{p}", "path": p, "estimates": costs,
+                                    **({"flips": flip} if self._flips else {})})
                     # the estimate's matmul against a block forward: in/rows of the layer's own forward
                     reach = min(1.0, t.shape[-1] / max(1, self.n_positions))
                     est_units[0] += 2 * len(near) * t.params / max(1, block_params) * len(fwd.references) * reach
-                stats.gd.clear(), stats.rows.clear()
+                stats.gd.clear(), stats.gf.clear(), stats.rows.clear()
             if self.hessians is not None:
                 self.hessians.set_block(None, {})
 
         res = backward_sweep(r, self.anatomy, fwd, gptq_paths=set(self.by_path), on_batch=on_batch,
-                             on_block=on_block, progress=self.progress)
+                             on_block=on_block, progress=self.progress, flips=self._flips)
+        self._embed_flip = res.embed_flip_grads
         nb = len(fwd.references)
         self._head_fisher = res.head_fisher
         self.block_seconds["calibration backward"] = [round(x, 3) for x in res.block_seconds]
@@ -312,12 +318,16 @@ class Calibration:
         rows = [ref.hn for ref in fwd.references] if t.shape[-1] > N else None
         is_head = path == head_path
 
+        flips = self._flips if path == emb else None
+
         def est(q, cheap=False):
-            lookup = embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, N) \
-                if path == emb else 0.0
+            rows_of = lambda x: stored[x].astype(mx.float32)  # noqa: E731
+            lookup = embedding_estimate(grads, batches, rows_of, q, N) if path == emb else 0.0
             role = head_estimate(self._head_fisher, self._head_gram, stored, q, N, rows, diagonal=cheap) \
                 if is_head else 0.0
-            return (lookup, role)
+            # the margins' summed squared shift: the per-position form with the margin cotangent
+            shift = 2 * N * embedding_estimate(self._embed_flip, batches, rows_of, q, N) if flips else 0.0
+            return (lookup, role, shift)
 
         measured: list = []   # the near formats as written: the head role's exact KL calibrates its estimate
         parts = rounded_estimates(self.rounding, path, stored, fmts, near, est, cheap=lambda q: est(q, cheap=True),
@@ -339,7 +349,8 @@ class Calibration:
         # the estimates' own matmuls, in head projections: width/positions of one each (rows: one each)
         reach = 1.0 if rows is not None else min(1.0, t.shape[-1] / max(1, N))
         units += nb * self.head_units * reach * 2 * len(near) if is_head else 0.0
-        return {f: _round(lk + c * hr) for f, (lk, hr) in parts.items()}, fit, units
+        return {f: _round(lk + c * hr + (flips.cost(None, q, N) if flips else 0.0))
+                for f, (lk, hr, q) in parts.items()}, fit, units
 
     def _head_exact(self, path: str, fwd) -> tuple:
         """The head at every candidate format, each measured exactly (groups of packed heads compared
@@ -452,6 +463,7 @@ class Calibration:
             **({"estimator": ESTIMATOR} if estimate else {}),
             "tensors": tensors,
             **({"calibration": calib} if calib is not None else {}),
+            **({"router_flips": self._flips.summary()} if self._flips else {}),
             "cost": {
                 "measurements": pairs,
                 "exact_measurements": len(subset) if estimate else pairs,

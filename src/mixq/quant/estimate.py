@@ -13,6 +13,8 @@ not multiplied, so theirs is the per-position form sum_t (g_t . dE[token_t])^2, 
 The head's output Fisher is known exactly per position (diag(p) - p p^T for logits); its diagonal
 sum_t p_ti (1 - p_ti) takes G's place, calibrated by the head's exact KL at the formats near the target.
 GPTQ is solved only at those formats; the others are scaled from round-to-nearest (`rounded_estimates`).
+In MoE models the routers' top-k choices are steps the form cannot see; `mixq.quant.flips` prices them
+from a second set of output moments (`FisherStats.parts`) and adds that to these estimates.
 
 Measured on the demo models against exact KL, the per-position form and this one rank all pairs alike
 (Spearman 0.999 / 0.998); the diagonal-output form misprices whole tensor kinds by a constant (value
@@ -24,37 +26,54 @@ from __future__ import annotations
 
 from mixq.quant.hessian import switch_rows
 
-ESTIMATOR = "fisher-kfac-diag-v1"
+ESTIMATOR = "fisher-kfac-diag-v1+router-flips-v1"
 
 
 class FisherStats:
     """Per Linear / SwitchLinear tensor of one block: the output-gradient second moments per channel (per
-    expert for routed experts) and, where the estimate is formed from rows, the input rows."""
+    expert for routed experts) and, where the estimate is formed from rows, the input rows. A second set
+    of moments, from the routers' margin cotangent (`mixq.quant.flips`), gives the margins' mean-square
+    shift for the same dW."""
 
     def __init__(self, n_positions: int):
         self.n_positions = n_positions
         self.gd: dict = {}      # path -> (out,) or (experts, out)
+        self.gf: dict = {}      # path -> the same from the margin cotangent
         self.rows: dict = {}    # path -> list of input rows, when kept
 
-    def add(self, path: str, rec, grad) -> None:
+    @staticmethod
+    def _moment(rec, grad):
         import mlx.core as mx
 
         g = grad.astype(mx.float32)
         if rec._experts is None:
-            g2 = mx.square(g.reshape(-1, g.shape[-1])).sum(axis=0)
-            if rec.last_input.shape[-1] > self.n_positions:  # wider than the rows it sees: keep the rows
-                self.rows.setdefault(path, []).append(rec.last_input.reshape(-1, rec.last_input.shape[-1]))
-        else:
-            gr, ids = switch_rows(g, rec.last_indices)
-            g2 = mx.zeros((rec._experts, gr.shape[-1])).at[ids].add(mx.square(gr))
-        self.gd[path] = g2 if path not in self.gd else self.gd[path] + g2
-        mx.eval(self.gd[path])
+            return mx.square(g.reshape(-1, g.shape[-1])).sum(axis=0)
+        gr, ids = switch_rows(g, rec.last_indices)
+        return mx.zeros((rec._experts, gr.shape[-1])).at[ids].add(mx.square(gr))
 
-    def estimate(self, path: str, H, dW) -> float:
-        """1/(2N) sum_i G_i (dW A dW^T)_ii / n for this tensor and the rounding error dW."""
+    def add(self, path: str, rec, grad, flip_grad=None) -> None:
+        import mlx.core as mx
+
+        if rec._experts is None and rec.last_input.shape[-1] > self.n_positions:
+            # wider than the rows it sees: keep the rows
+            self.rows.setdefault(path, []).append(rec.last_input.reshape(-1, rec.last_input.shape[-1]))
+        for store, gr in ((self.gd, grad), (self.gf, flip_grad)):
+            if gr is None:
+                continue
+            g2 = self._moment(rec, gr)
+            store[path] = g2 if path not in store else store[path] + g2
+            mx.eval(store[path])
+
+    def _ysq(self, path: str, H, dW, cheap: bool):
+        """(dW A dW^T)_ii per output channel (per expert for routed experts); `cheap`: A's diagonal only."""
         import mlx.core as mx
 
         gd = self.gd[path]
+        if cheap:
+            if hasattr(H, "rows"):
+                diag = mx.zeros((gd.shape[0], H.rows.shape[-1])).at[H.ids].add(mx.square(H.rows))
+                return (mx.square(dW.astype(mx.float32)) @ diag[..., None])[..., 0]
+            return mx.square(dW.astype(mx.float32)) @ mx.diagonal(H).astype(mx.float32)
         if hasattr(H, "rows"):  # routed experts: their rows, each through its own expert's dW
             ysq = mx.zeros(gd.shape)
             step = max(1, (64 << 20) // (4 * max(dW.shape[-2], 1)))
@@ -63,37 +82,41 @@ class FisherStats:
                 y = mx.gather_mm(H.rows[a:a + step][:, None, :], dW.swapaxes(-1, -2), rhs_indices=ids)[:, 0, :]
                 ysq = ysq.at[ids].add(mx.square(y))
                 mx.eval(ysq)
-        elif path in self.rows:
+            return ysq
+        if path in self.rows:
             ysq = mx.zeros((dW.shape[0],))
             for x in self.rows[path]:
                 ysq = ysq + mx.square(x @ dW.T).sum(axis=0)
-        else:
-            ysq = ((dW @ H.astype(mx.float32)) * dW).sum(axis=-1)
-        return self._total(path, H, ysq)
+            return ysq
+        return ((dW @ H.astype(mx.float32)) * dW).sum(axis=-1)
 
-    def _total(self, path: str, H, ysq) -> float:
-        """1/(2N) sum_i G_i ysq_i / n: n the positions, or per routed expert the rows it saw."""
+    def estimate(self, path: str, H, dW) -> float:
+        """1/(2N) sum_i G_i (dW A dW^T)_ii / n for this tensor and the rounding error dW."""
+        return self.parts(path, H, dW)[0]
+
+    def cheap_estimate(self, path: str, H, dW) -> float:
+        """`estimate` with A's diagonal only: sum_j dW_ij^2 A_jj in place of (dW A dW^T)_ii, for
+        round-to-nearest errors, which are near independent across inputs (no matmul with A or the rows)."""
+        return self.parts(path, H, dW, cheap=True)[0]
+
+    def parts(self, path: str, H, dW, cheap: bool = False) -> tuple:
+        """(the Fisher estimate, the routers' summed squared margin shift sum_{r,t} dm_rt^2 or 0.0) from
+        one (dW A dW^T) diagonal."""
+        ysq = self._ysq(path, H, dW, cheap)
+        fisher = self._total(path, H, ysq, self.gd) / (2 * self.n_positions)
+        return fisher, (self._total(path, H, ysq, self.gf) if path in self.gf else 0.0)
+
+    def _total(self, path: str, H, ysq, store) -> float:
+        """sum_i G_i ysq_i / n: n the positions, or per routed expert the rows it saw."""
         import mlx.core as mx
 
-        gd = self.gd[path]
+        gd = store[path]
         if hasattr(H, "rows"):
             counts = mx.zeros((gd.shape[0],)).at[H.ids].add(mx.ones(H.ids.shape))
             total = ((gd * ysq).sum(axis=-1) / mx.maximum(counts, 1.0)).sum()
         else:
             total = (gd * ysq).sum() / self.n_positions
-        return float(total.item()) / (2 * self.n_positions)
-
-    def cheap_estimate(self, path: str, H, dW) -> float:
-        """`estimate` with A's diagonal only: sum_j dW_ij^2 A_jj in place of (dW A dW^T)_ii, for
-        round-to-nearest errors, which are near independent across inputs (no matmul with A or the rows)."""
-        import mlx.core as mx
-
-        if hasattr(H, "rows"):
-            diag = mx.zeros((self.gd[path].shape[0], H.rows.shape[-1])).at[H.ids].add(mx.square(H.rows))
-            ysq = (mx.square(dW.astype(mx.float32)) @ diag[..., None])[..., 0]
-        else:
-            ysq = mx.square(dW.astype(mx.float32)) @ mx.diagonal(H).astype(mx.float32)
-        return self._total(path, H, ysq)
+        return float(total.item())
 
 
 def embedding_estimate(grads: list, tokens: list, table_rows, q, n_positions: int) -> float:

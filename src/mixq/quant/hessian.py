@@ -110,6 +110,7 @@ def _recorder_class():
             self._rows: list = []
             self.probe = None
             self.paused = False  # run through without recording (shape discovery)
+            self.quiet = False   # probe without recording (a second cotangent through the same block)
             self.out_shape = None
             self.last_input = None
 
@@ -118,6 +119,8 @@ def _recorder_class():
             self.out_shape = y.shape
             if self.paused:
                 return y
+            if self.quiet:
+                return y if self.probe is None else y + self.probe
             xf = mx.stop_gradient(x).astype(mx.float32)
             self.last_input = xf
             if self._experts is None:

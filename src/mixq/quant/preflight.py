@@ -183,6 +183,8 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         "rounding": _rounding_bytes(anatomy, candidates),
         "head": 2 * vocab * hidden + 6 * 4 * positions * head_rows + 2 * 4 * head_rows * hidden,
     }
+    if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
+        mem["router flips"] = act
     avail = available_memory() if available == -1 else available
     if stream_weights == "on":
         streaming = True

@@ -6,7 +6,8 @@ Two methods, both fed by the same calibration sweeps (`mixq.quant.calibpass`):
   estimate (default)  the Fisher estimate of every pair (`mixq.quant.estimate`) from one backward sweep,
                       then a stated subset of pairs measured exactly (the deepest instance of every
                       tensor kind at the formats around the target) calibrates it per kind:
-                      est_kind = c_kind x est. The head role is estimated the same way (its Fisher
+                      est_kind = c_kind x est (est: the Fisher form plus, in MoE models, the
+                      expected KL of routing flips, `mixq.quant.flips`). The head role is estimated the same way (its Fisher
                       diagonal and input Gram) and calibrated by its exact KL at the formats nearest
                       the target.
   exact               every pair measured: the tensor rounded, the blocks from its own on re-run for every
@@ -27,7 +28,7 @@ from pathlib import Path
 from mixq.core.errors import MixqError
 
 FORMAT = "mixq-sensitivity/1"
-METHODS = {"estimate": "estimate-kfac-v4", "exact": "kl-exact-v4"}
+METHODS = {"estimate": "estimate-kfac-v5", "exact": "kl-exact-v4"}
 
 
 def _round(x: float) -> float:
