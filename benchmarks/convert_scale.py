@@ -101,7 +101,11 @@ def build(config: dict, out: Path, seed: int = 0) -> Path:
     params = tree_flatten(model.parameters())
     dtype = lambda v: "bfloat16" if mx.issubdtype(v.dtype, mx.floating) else str(v.dtype).rsplit(".", 1)[-1]  # noqa
     writer = ShardWriter(tmp, [(k, v.shape, dtype(v)) for k, v in params])
+    names = {k for k, _ in params}
     for k, v in params:
+        if k.endswith(".weight") and k[:-len("weight")] + "e_score_correction_bias" in names:
+            # mlx-lm starts routers at zero: every expert would tie and the same top-k take every token
+            v = mx.random.normal(v.shape) * v.shape[-1] ** -0.5
         a = v.astype(mx.bfloat16) if dtype(v) == "bfloat16" else v
         mx.eval(a)
         writer.put(k, a)
