@@ -95,38 +95,14 @@ def backward_sweep(runner, anatomy, fwd, *, gptq_paths, on_batch=None, on_block=
                     r.probe = None
                 # this batch's inputs (computed with it), put back on the recorders for its on_batch
                 seen = {p: (recs[p].last_input, getattr(recs[p], "last_indices", None)) for p in order}
-                return vjps, seen, (_flip_terms(b, h_in, g_out, f, zeros) if flips else None)
-
-            def _flip_terms(b, h_in, g_out, f, zeros, i=i, recs=recs):
-                for r in recs.values():
-                    r.quiet = True
-                carried = flips.cot.get(b)
-                fv = mx.vjp(f, [h_in, *zeros], [carried])[1] if carried is not None else None
-                for r in recs.values():
-                    r.probe = None
-                terms = flips.terms(i, b, h_in, g_out) if i in flips.routers else None
-                for r in recs.values():
-                    r.quiet = False
-                return fv, terms
+                return vjps, seen, (flips.block_graph(i, b, h_in, g_out, f, zeros, recs) if flips else None)
 
             # each batch's graph built, then the batches evaluated side by side on the CPU (mixq.core.lanes)
             for b, (vjps, seen, extra) in lane_iter(vjp, list(range(len(grads))), item_bytes=item):
                 grads[b] = vjps[0]
                 bf += 3
-                fgrads = None
-                if extra is not None:
-                    fv, terms = extra
-                    cot = fv[0] if fv is not None else None
-                    fgrads = dict(zip(order, fv[1:])) if fv is not None else None
-                    bf += 3 if fv is not None else 0
-                    if terms is not None:
-                        inj, m, c = terms
-                        flips.record(i, m, c)
-                        cot = inj if cot is None else cot + inj
-                        bf += 2  # the routed experts twice (chosen, flipped) for the jump
-                    if cot is not None:
-                        flips.cot[b] = cot
-                        mx.eval(cot)
+                fgrads, units = flips.take(i, b, extra, order) if extra is not None else (None, 0)
+                bf += units
                 if on_batch:
                     for p, (x, idx) in seen.items():
                         recs[p].last_input, recs[p].last_indices = x, idx

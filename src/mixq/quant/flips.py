@@ -68,6 +68,41 @@ class RouterFlips:
         c = 0.5 * mx.square((g_out.astype(mx.float32) * dy).sum(axis=-1))
         return inj.astype(h_in.dtype), m.reshape(-1), c.reshape(-1)
 
+    def block_graph(self, i: int, b: int, h_in, g_out, f, zeros, recs) -> tuple:
+        """Batch b's flip work at block i, as graphs: the carried margin cotangent's vector-Jacobian product
+        through the block (`f(h, *probes)`, the recorders quiet: the first product recorded the inputs) and
+        block i's router terms."""
+        import mlx.core as mx
+
+        for r in recs.values():
+            r.quiet = True
+        carried = self.cot.get(b)
+        fv = mx.vjp(f, [h_in, *zeros], [carried])[1] if carried is not None else None
+        for r in recs.values():
+            r.probe = None
+        terms = self.terms(i, b, h_in, g_out) if i in self.routers else None
+        for r in recs.values():
+            r.quiet = False
+        return fv, terms
+
+    def take(self, i: int, b: int, graphs: tuple, order: list) -> tuple:
+        """`block_graph`'s results, evaluated: the cotangent carried on to the block below; returns the
+        margin cotangent at each layer's output (path -> array, or None) and the block forwards spent."""
+        import mlx.core as mx
+
+        fv, terms = graphs
+        cot = fv[0] if fv is not None else None
+        units = 3 if fv is not None else 0
+        if terms is not None:
+            inj, m, c = terms
+            self.record(i, m, c)
+            cot = inj if cot is None else cot + inj
+            units += 2  # the routed experts twice (chosen, flipped) for the jump
+        if cot is not None:
+            mx.eval(cot)
+            self.cot[b] = cot
+        return (dict(zip(order, fv[1:])) if fv is not None else None), units
+
     def record(self, i: int, m, c) -> None:
         self._m.setdefault(i, []).append(m)
         self._c.setdefault(i, []).append(c)
