@@ -88,6 +88,7 @@ def build(config: dict, out: Path, seed: int = 0) -> Path:
 
     from mixq.core.modelio import demo_dir
     from mixq.core.stwriter import ShardWriter
+    from mixq.core.synth import router_weight
 
     if (out / "config.json").is_file():
         return out
@@ -103,9 +104,7 @@ def build(config: dict, out: Path, seed: int = 0) -> Path:
     writer = ShardWriter(tmp, [(k, v.shape, dtype(v)) for k, v in params])
     names = {k for k, _ in params}
     for k, v in params:
-        if k.endswith(".weight") and k[:-len("weight")] + "e_score_correction_bias" in names:
-            # mlx-lm starts routers at zero: every expert would tie and the same top-k take every token
-            v = mx.random.normal(v.shape) * v.shape[-1] ** -0.5
+        v = router_weight(k, names, v)
         a = v.astype(mx.bfloat16) if dtype(v) == "bfloat16" else v
         mx.eval(a)
         writer.put(k, a)

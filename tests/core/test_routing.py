@@ -23,10 +23,11 @@ def test_selection_is_mlx_lms(nemotron_moe):
     g = routing.gate(r, i)
     x = routing.mixer_input(r, i, h)
     inds, _ = g(x)
-    order = routing.ranked(g, x)
+    s, _ = routing.selection_scores(g, x)
+    order = routing.ranked(g, s)
     k = g.top_k
     assert np.array_equal(np.sort(np.array(inds), -1), np.sort(np.array(order[..., :k]), -1))
-    m = routing.margin(g, x, order)
+    m = routing.margin(g, s, order)
     assert m.shape == h.shape[:-1] and (np.array(m) >= 0).all()
 
 
@@ -36,9 +37,10 @@ def test_flip_delta_is_the_blocks_output_change_when_that_choice_flips(nemotron_
     r, i, h = _moe_block(nemotron_moe)
     layer, g = r.layers[i], routing.gate(r, i)
     x = routing.mixer_input(r, i, h)
-    order = routing.ranked(g, x)
-    m = np.array(routing.margin(g, x, order))
-    delta = routing.flip_delta(r, i, x, order)
+    s, orig = routing.selection_scores(g, x)
+    order = routing.ranked(g, s)
+    m = np.array(routing.margin(g, s, order))
+    delta = routing.flip_delta(r, i, x, order, orig)
     b, t = np.unravel_index(np.argmin(m), m.shape)
     before = layer(h)
     k = g.top_k

@@ -41,47 +41,43 @@ def selection_scores(g, x):
     return s, orig
 
 
-def ranked(g, x):
-    """Indices of the top k + 1 experts by selection score, best first (no gradient)."""
+def ranked(g, s):
+    """Indices of the top k + 1 experts by selection score `s` (from `selection_scores`), best first (no
+    gradient)."""
     import mlx.core as mx
 
-    s, _ = selection_scores(g, x)
     return mx.stop_gradient(mx.argsort(-s, axis=-1)[..., :g.top_k + 1])
 
 
-def margin(g, x, order):
+def margin(g, s, order):
     """Per position: selection score of the k-th expert chosen minus the (k+1)-th's (>= 0 at the float
-    weights); differentiable in x, with `order` from `ranked` held fixed."""
+    weights); differentiable in the scores `s`, with `order` from `ranked` held fixed."""
     import mlx.core as mx
 
-    s, _ = selection_scores(g, x)
     k = g.top_k
     pair = mx.take_along_axis(s, order[..., k - 1:k + 1], axis=-1)
     return pair[..., 0] - pair[..., 1]
 
 
-def _routed(mixer, g, x, inds, orig):
-    import mlx.core as mx
-
-    w = mx.take_along_axis(orig, inds, axis=-1)
-    if g.top_k > 1 and g.norm_topk_prob:
-        w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
-    w = w * g.routed_scaling_factor
-    if getattr(mixer, "moe_latent_size", None) is not None:
-        x = mixer.fc1_latent_proj(x)
-    y = (mixer.switch_mlp(x, inds) * w[..., None]).sum(axis=-2)
-    return mixer.fc2_latent_proj(y) if getattr(mixer, "moe_latent_size", None) is not None else y
-
-
-def flip_delta(runner, i: int, x, order):
+def flip_delta(runner, i: int, x, order, orig):
     """Block i's output change (float32) had its router taken the (k+1)-th expert in place of the k-th at
-    every position (the shared experts do not change)."""
+    every position (the shared experts do not change). `orig`: the sigmoid scores of `selection_scores`.
+    The k + 1 experts of `order` run once; the two choices weight them, each with one left out."""
     import mlx.core as mx
 
-    g = runner.layers[i].mixer.gate
     mixer = runner.layers[i].mixer
-    k = g.top_k
-    _, orig = selection_scores(g, x)
-    chosen = order[..., :k]
-    swapped = mx.concatenate([order[..., :k - 1], order[..., k:k + 1]], axis=-1)
-    return (_routed(mixer, g, x, swapped, orig) - _routed(mixer, g, x, chosen, orig)).astype(mx.float32)
+    g, k = mixer.gate, mixer.gate.top_k
+    latent = getattr(mixer, "moe_latent_size", None) is not None
+    top = order[..., :k + 1]
+    ys = mixer.switch_mlp(mixer.fc1_latent_proj(x) if latent else x, top)   # (..., k + 1, d)
+    w = mx.take_along_axis(orig, top, axis=-1)
+
+    def routed(mask):
+        wm = w * mx.array(mask, dtype=w.dtype)
+        if k > 1 and g.norm_topk_prob:
+            wm = wm / (wm.sum(axis=-1, keepdims=True) + 1e-20)
+        y = (ys * (wm * g.routed_scaling_factor)[..., None]).sum(axis=-2)
+        return mixer.fc2_latent_proj(y) if latent else y
+
+    chosen, swapped = [1.0] * k + [0.0], [1.0] * (k - 1) + [0.0, 1.0]
+    return (routed(swapped) - routed(chosen)).astype(mx.float32)

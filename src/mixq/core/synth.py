@@ -82,6 +82,17 @@ def _tokenizer(vocab: int):
     return _TOKENIZER_CACHE[vocab]
 
 
+def router_weight(key: str, names, v):
+    """`v`, or in its place a random one for an MoE router's weight (a module with an
+    `e_score_correction_bias` beside it): mlx-lm starts routers at zero, so every expert would tie and
+    the same top-k take every token."""
+    import mlx.core as mx
+
+    if key.endswith(".weight") and key[:-len("weight")] + "e_score_correction_bias" in names:
+        return mx.random.normal(v.shape) * v.shape[-1] ** -0.5
+    return v
+
+
 def build_fixture(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write the fixture model `kind` (see FIXTURES) into out_dir; deterministic for a seed."""
     import mlx.core as mx
@@ -104,12 +115,10 @@ def build_fixture(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     arch = importlib.import_module(f"mlx_lm.models.{check_model_type(config)}")
     mx.random.seed(seed)
     model = arch.Model(arch.ModelArgs.from_dict(config))
-    for name, m in model.named_modules():
-        # mlx-lm starts MoE routers at zero (every expert ties): give them scores that differ
-        if hasattr(m, "e_score_correction_bias") and hasattr(m, "weight"):
-            m.weight = mx.random.normal(m.weight.shape) * m.weight.shape[-1] ** -0.5
+    params = tree_flatten(model.parameters())
+    names = {k for k, _ in params}
     weights = {k: v.astype(mx.bfloat16) if mx.issubdtype(v.dtype, mx.floating) else v
-               for k, v in tree_flatten(model.parameters())}
+               for k, v in ((k, router_weight(k, names, v)) for k, v in params)}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer(tok, out)

@@ -321,12 +321,10 @@ class Calibration:
         flips = self._flips if path == emb else None
 
         def est(q, cheap=False):
-            rows_of = lambda x: stored[x].astype(mx.float32)  # noqa: E731
-            lookup = embedding_estimate(grads, batches, rows_of, q, N) if path == emb else 0.0
+            lookup, shift = embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, N,
+                                               self._embed_flip if flips else None) if path == emb else (0.0, 0.0)
             role = head_estimate(self._head_fisher, self._head_gram, stored, q, N, rows, diagonal=cheap) \
                 if is_head else 0.0
-            # the margins' summed squared shift: the per-position form with the margin cotangent
-            shift = 2 * N * embedding_estimate(self._embed_flip, batches, rows_of, q, N) if flips else 0.0
             return (lookup, role, shift)
 
         measured: list = []   # the near formats as written: the head role's exact KL calibrates its estimate

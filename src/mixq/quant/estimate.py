@@ -119,16 +119,21 @@ class FisherStats:
         return float(total.item())
 
 
-def embedding_estimate(grads: list, tokens: list, table_rows, q, n_positions: int) -> float:
-    """The embedding's rows as looked up at every position: dW x_t = the rounded row's error."""
+def embedding_estimate(grads: list, tokens: list, table_rows, q, n_positions: int, flip_grads=None) -> tuple:
+    """The embedding's rows as looked up at every position: dW x_t = the rounded row's error. Returns
+    (the Fisher estimate 1/(2N) sum_t (g_t . d_t)^2, and with `flip_grads` (the routers' margin cotangent,
+    `mixq.quant.flips`) the margins' summed squared shift sum_t (gf_t . d_t)^2, else 0.0), from one row
+    error per batch."""
     import mlx.core as mx
 
-    total = mx.array(0.0)
-    for g, x in zip(grads, tokens):
+    total, shift = mx.array(0.0), mx.array(0.0)
+    for b, (g, x) in enumerate(zip(grads, tokens)):
         d = table_rows(x) - q.take(x, mx.float32)
         total = total + mx.square((g * d).sum(axis=-1)).sum()
-        mx.eval(total)
-    return float(total.item()) / (2 * n_positions)
+        if flip_grads is not None:
+            shift = shift + mx.square((flip_grads[b] * d).sum(axis=-1)).sum()
+        mx.eval(total, shift)
+    return float(total.item()) / (2 * n_positions), float(shift.item())
 
 
 def near_formats(shape, fmts: list, target_bpw: float, source_dtype) -> list:

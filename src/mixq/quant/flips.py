@@ -56,15 +56,17 @@ class RouterFlips:
         r = self.runner
         g = routing.gate(r, i)
         x = routing.mixer_input(r, i, h_in)
-        order = routing.ranked(g, x)
+        s, orig = routing.selection_scores(g, x)
+        order = routing.ranked(g, s)
         xi = self.signs(i, b, order.shape[:-1])
 
         def signed(h):
-            return (routing.margin(g, routing.mixer_input(r, i, h), order) * xi).sum()
+            scores, _ = routing.selection_scores(g, routing.mixer_input(r, i, h))
+            return (routing.margin(g, scores, order) * xi).sum()
 
         _, (inj,) = mx.vjp(signed, [h_in], [mx.array(1.0, dtype=mx.float32)])
-        m = routing.margin(g, x, order)
-        dy = routing.flip_delta(r, i, x, order)
+        m = routing.margin(g, s, order)
+        dy = routing.flip_delta(r, i, x, order, orig)
         c = 0.5 * mx.square((g_out.astype(mx.float32) * dy).sum(axis=-1))
         return inj.astype(h_in.dtype), m.reshape(-1), c.reshape(-1)
 
@@ -97,7 +99,7 @@ class RouterFlips:
             inj, m, c = terms
             self.record(i, m, c)
             cot = inj if cot is None else cot + inj
-            units += 2  # the routed experts twice (chosen, flipped) for the jump
+            units += 1  # the routed experts once more (k + 1 of them) for the jump
         if cot is not None:
             mx.eval(cot)
             self.cot[b] = cot
