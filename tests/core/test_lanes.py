@@ -28,6 +28,33 @@ def test_lane_map_keeps_order_and_values():
     assert [k for k, _ in lanes.lane_iter(fn, xs, lanes=2)] == list(range(5))
 
 
+def test_thread_map_keeps_order_and_values_and_uses_the_cores(monkeypatch):
+    import threading
+
+    w = mx.random.normal((48, 40), key=mx.random.key(9))
+    xs = [mx.random.normal((64, 48), key=mx.random.key(k)) for k in range(5)]
+    mx.eval(w, xs)   # inputs made here and evaluated: the workers build their own graphs on them
+
+    def fn(x):   # evaluates as it goes, as a rounding and its estimate do
+        y = mx.softmax(x @ w, axis=-1)
+        return float((y * y).sum().item()), threading.current_thread().name
+
+    want = [float((mx.softmax(x @ w, axis=-1) ** 2).sum().item()) for x in xs]
+    monkeypatch.setattr(lanes, "LANES", 1)
+    one = lanes.thread_map(fn, xs)
+    assert [v for v, _ in one] == pytest.approx(want, rel=1e-6)
+    assert {name for _, name in one} == {threading.current_thread().name}   # one lane: here, in order
+    monkeypatch.setattr(lanes, "LANES", 2)
+    two = lanes.thread_map(fn, xs)
+    assert [v for v, _ in two] == pytest.approx(want, rel=1e-6)
+    if mx.default_device() == mx.cpu:
+        assert all(name.startswith("mixq-lane") for _, name in two)
+    monkeypatch.setattr(lanes, "LANES", None)
+    monkeypatch.setattr(lanes, "cores", lambda: 2)
+    big = lanes.thread_map(fn, xs, item_bytes=lanes.LANE_BYTES + 1)   # a second one would exceed the bound
+    assert {name for _, name in big} == {threading.current_thread().name}
+
+
 def test_blas_threads_shared_then_restored():
     before = blas.threads()
     with lanes.blas_share(2):

@@ -235,3 +235,33 @@ def test_estimate_without_gptq_has_the_heads_input_gram(nemotron_dense):
     assert [p["format"] for p in est["calibration"]["head"]["points"]] == \
         [str(f) for f in near_formats(head["shape"], [f for f in CANDS if f.is_quantized], 4.5, head["dtype"])]
     assert all(v > 0 for f, v in head["costs"].items() if f != "float")
+
+
+def test_exact_points_on_a_position_sample_at_large_vocabularies(nemotron_dense, monkeypatch, both):
+    """Over the logit budget the exact subset and the head fit compare a seeded sample of positions (each a
+    head projection of every position at a 49k-151k vocabulary); the sample is stated, the estimates are not
+    touched, and the exact points stay those of the same tensors at the same formats."""
+    from mixq.core import head
+
+    full, _ = both
+    assert full["calibration"]["positions"]["compared"] == full["calibration"]["positions"]["of"] == 8 * 64
+    lm = load(nemotron_dense, compute_dtype=None, lazy=True)
+    vocab = describe(lm.model, lm.config).tensor("lm_head.weight").shape[0]
+    monkeypatch.setattr(head, "SAMPLE_LOGITS", vocab * 8 * 64 // 4)   # a quarter of the positions
+    part = _measure(nemotron_dense, "estimate")
+    pos = part["calibration"]["positions"]
+    assert pos["of"] == 8 * 64 and pos["compared"] == 8 * 64 // 4
+    assert part["tensors"].keys() == full["tensors"].keys()
+    for p, v in part["tensors"].items():   # the estimates themselves use every position
+        if p != "lm_head.weight":   # (the head's carry its own fitted factor, from the sampled exact KLs)
+            assert v["estimates"] == full["tensors"][p]["estimates"], p
+    ratio = {f: part["tensors"]["lm_head.weight"]["estimates"][f] / x
+             for f, x in full["tensors"]["lm_head.weight"]["estimates"].items()}
+    assert max(ratio.values()) == pytest.approx(min(ratio.values()), rel=1e-3)
+    assert max(ratio.values()) == pytest.approx(part["calibration"]["head"]["c"] / full["calibration"]["head"]["c"],
+                                                rel=1e-3)
+    key = lambda pts: [(x.get("path"), x["format"]) for x in pts]   # noqa: E731
+    assert key(part["calibration"]["points"]) == key(full["calibration"]["points"])
+    assert key(part["calibration"]["head"]["points"]) == key(full["calibration"]["head"]["points"])
+    for a, b in zip(part["calibration"]["points"], full["calibration"]["points"]):
+        assert a["exact"] > 0 and a["exact"] != b["exact"]

@@ -10,7 +10,7 @@ from mixq.core.formats import Format, quantize_dequantize
 from mixq.core.modelio import load
 from mixq.quant.hessian import HessianMap
 from mixq.quant.plan import candidate_items, uniform_formats
-from mixq.quant.sweep import ForwardSweep, Stream
+from mixq.quant.sweep import ForwardSweep, Stream, targets_of
 
 
 def _tokens(n=4, length=24, seed=0):
@@ -157,3 +157,45 @@ def test_an_untied_tables_rounding_is_let_go_before_the_head(fixture_models, kin
     ForwardSweep(r, a, _tokens()).run([Stream("u", fmts)], on_rounded=on_rounded)
     # a tied table is the head: its rounding is kept for it (and then not rounded again)
     assert seen.get("alive at head", r.tied) is r.tied
+
+
+def test_sample_positions_budget_and_determinism():
+    from mixq.core.head import sample_positions
+
+    assert sample_positions([2048, 2048], 6144, seed=0) is None   # 25M logits: every position
+    got = sample_positions([2048, 2048, 1024], 49152, seed=3)
+    again = sample_positions([2048, 2048, 1024], 49152, seed=3)
+    other = sample_positions([2048, 2048, 1024], 49152, seed=4)
+    total = sum(int(i.size) for i in got)
+    assert total * 49152 <= (1 << 26) * 1.01 and total > 0.9 * (1 << 26) / 49152
+    for i, n, a, b in zip(got, [2048, 2048, 1024], again, other):
+        v = np.array(i)
+        assert np.all(np.diff(v) > 0) and v[0] >= 0 and v[-1] < n   # sorted, distinct, in range
+        assert np.array_equal(v, np.array(a)) and not np.array_equal(v, np.array(b))
+    assert abs(int(got[2].size) / int(got[0].size) - 0.5) < 0.01   # the same fraction of every batch
+
+
+def test_compare_positions_give_the_full_comparisons_values_there(fixture_models):
+    from mixq.core.head import sample_positions
+
+    path = fixture_models["qwen3"]
+    lm = load(path, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner(retain=False)
+    tokens = _tokens(n=5, length=24)
+    u = uniform_formats(a, Format.parse("3:64"))[0]
+    sweep = ForwardSweep(r, a, tokens, batch_size=2)
+    full = sweep.run([Stream("u", u)])
+    counts = [int(b.size) for b in sweep.batches]
+    at = sample_positions(counts, vocab=100, seed=1, budget=100 * 40)
+    assert at is not None and sum(int(i.size) for i in at) < sum(counts)
+    part = ForwardSweep(r, a, tokens, batch_size=2).run([Stream("u", u)], references=full.references,
+                                                       compare_positions=at)
+    flat = np.concatenate([np.array(i) + sum(counts[:b]) for b, i in enumerate(at)])
+    for k in ("kl", "same"):
+        assert np.allclose(part.streams["u"][k], full.streams["u"][k][flat], rtol=1e-5, atol=1e-7), k
+    # next-token NLL: only positions with a target (the last of each window has none)
+    valid = np.concatenate([np.array(targets_of(b)).ravel() >= 0 for b in sweep.batches])
+    rank = np.cumsum(valid) - 1
+    kept = flat[valid[flat]]
+    assert np.allclose(part.streams["u"]["nll"], full.streams["u"]["nll"][rank[kept]], rtol=1e-5, atol=1e-6)

@@ -85,7 +85,9 @@ def run(args) -> int:
     fit = report.get("calibration_fit")
     if fit:
         print("calibration (exact / estimate, per kind): " + ", ".join(
-            f"{k} x{v['c']:.2f} (n={v['n']})" for k, v in fit["kinds"].items() if v["n"]))
+            f"{k} x{v['c']:.2f} (n={v['n']})" for k, v in fit["kinds"].items() if v["n"]) + (
+            " [exact KL on {compared} of {of} positions]".format(**fit["positions"])
+            if fit.get("positions", {}).get("compared", 0) < fit.get("positions", {}).get("of", 0) else ""))
     rnd = report["rounding"]
     print(f"rounding: {rnd['method']} ({', '.join(f'{n} {k}' for k, n in rnd['tensors'].items() if n)})")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))

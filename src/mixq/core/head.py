@@ -23,6 +23,7 @@ from mixq.core.blas import numpy_on_cpu
 
 CHUNK_BYTES = 128 << 20   # float32 working set of one chunk of head rows
 LOGITS_BYTES = 32 << 20   # float32 logits of one chunk (its temporaries are a few times that)
+SAMPLE_LOGITS = 1 << 26   # comparisons that only calibrate (`sample_positions`): at most this many logits
 
 
 def chunk_rows(dim: int, positions: int) -> int:
@@ -288,6 +289,35 @@ class Reference:
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in (self.hn, self.lse, self.argmax, self.nll, self.labels) if a is not None)
+
+    def take(self, idx) -> "Reference":
+        """The reference at the flat positions `idx` (an int array): every field flattened to them."""
+        def flat(a):
+            return None if a is None else a.reshape(-1)[idx]
+
+        return Reference(hn=self.hn.reshape(-1, self.hn.shape[-1])[idx], lse=flat(self.lse),
+                         argmax=flat(self.argmax), nll=flat(self.nll), labels=flat(self.labels))
+
+
+def sample_positions(counts: list, vocab: int, seed: int = 0, budget: int | None = None) -> list | None:
+    """Per batch (`counts` positions each): sorted flat indices of a seeded sample of its positions, the
+    same fraction of every batch, so that positions x `vocab` stays within `budget` logits; None when all
+    of them already do. For the comparisons that only calibrate the estimator (exact KL of one tensor at
+    one format, a mean over positions): at a 49k-151k vocabulary each was a head projection of every
+    position. The held-out and the plan's own comparisons take every position."""
+    import mlx.core as mx
+
+    budget = SAMPLE_LOGITS if budget is None else budget
+    total = sum(counts)
+    if total * vocab <= budget:
+        return None
+    frac = budget / (total * vocab)
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in counts:
+        k = max(1, min(n, round(n * frac)))
+        out.append(mx.array(np.sort(rng.choice(n, size=k, replace=False)).astype(np.int32)))
+    return out
 
 
 def _positions(hn) -> int:

@@ -93,6 +93,26 @@ def lane_iter(fn, items, lanes: int | None = None, item_bytes: int = 0):
         del chunk
 
 
+_pools: dict = {}   # threads -> ThreadPoolExecutor, made once: its threads keep their mlx streams between calls
+
+
+def thread_map(fn, items, item_bytes: int = 0) -> list:
+    """[fn(x) for x in items], on the CPU's cores one thread each (at most `lane_count(item_bytes)`), for
+    work that evaluates as it goes (a rounding and its estimate), which `lane_map` cannot build as one
+    graph. mlx gives each thread its own default stream (thread-safe evaluation since 0.31.2) and numpy
+    releases the GIL in its loops; OpenBLAS is shared as in `lane_map`. `fn` must not touch shared state.
+    Off the CPU, or for one lane: in order, in this thread."""
+    n = min(lane_count(item_bytes), len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    if n not in _pools:
+        _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mixq-lane")
+    with blas_share(n):
+        return list(_pools[n].map(fn, items))
+
+
 def batch_bytes(anatomy, shape, copies: int = 4) -> int:
     """A guess at one batch's temporaries through a block: `copies` float32 arrays of its positions
     (`shape` of the block input, (batch, length, hidden)) by the block's widest layer (routed experts:

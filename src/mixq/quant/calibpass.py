@@ -18,10 +18,11 @@ gain GPTQ measured there. Solving every format was most of the estimate stage's 
 
 from __future__ import annotations
 
+import threading
 import time
 
 from mixq.core.formats import Format, applicable, bits_per_weight, tensor_bytes
-from mixq.core.head import compare_many
+from mixq.core.head import compare_many, sample_positions
 from mixq.quant.backward import backward_sweep
 from mixq.quant.estimate import (ESTIMATOR, FisherStats, embedding_estimate, head_estimate, near_formats,
                                  rounded_estimates)
@@ -30,7 +31,7 @@ from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, normalised_sum
 from mixq.quant.plan import candidate_items
 from mixq.quant.qweight import round_weights
 from mixq.quant.sensitivity import METHODS, Partial, _round, fit_calibration, kind_of
-from mixq.quant.sweep import ForwardSweep, Stream
+from mixq.quant.sweep import ForwardSweep, Stream, batches_of
 
 SUBSET_BUDGET = 0.03   # exact subset: at most this fraction of the exact pass's block-forwards
 SUBSET_INSTANCES = 1   # exact subset: the deepest instance(s) of each tensor kind ...
@@ -91,6 +92,10 @@ class Calibration:
         head = anatomy.tensor(runner.head_path)
         self.head_units = head.params / mean_block  # one head projection, in block forwards
         self.n_positions = int(tokens.size)
+        # the exact subset's and the head fit's comparisons: on a sample of positions at large vocabularies
+        counts = [int(b.size) for b in batches_of(tokens, batch_size)]
+        self.compare_at = sample_positions(counts, int(head.shape[0]), seed)
+        self.compared = self.n_positions if self.compare_at is None else sum(int(i.size) for i in self.compare_at)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _pairs(self, t) -> list[Format]:
@@ -182,12 +187,15 @@ class Calibration:
         # Grams only where a subset stream is rounded: the backward sweep records every block's
         fwd = self._sweep().run(streams, grams=self.hessians is not None, hessians=self.hessians,
                                 keep_inputs=True, sample_key=mx.random.key(self.seed),
-                                gram_blocks={self.by_path[p].layer for p, _ in subset})
+                                gram_blocks={self.by_path[p].layer for p, _ in subset},
+                                compare_positions=self.compare_at)
         nb = len(fwd.references)
         self.block_seconds["calibration forward"] = [round(x, 3) for x in fwd.block_seconds]
-        # reference and label sampling: one head projection; comparisons: the reference's again + one a stream
+        # reference and label sampling: one head projection; comparisons (on the sampled positions): the
+        # reference's again + one a stream
+        share = self.compared / self.n_positions
         self._done("calibration forward", fwd.block_forwards +
-                   nb * self.head_units * (1 + (1 + len(streams) if streams else 0)))
+                   nb * self.head_units * (1 + (share * (1 + len(streams)) if streams else 0)))
         self._head_gram = fwd.head_gram
         if self._head_gram is None and self.method == "estimate":  # --rounding rtn: no Grams, the head's A
             self._head_gram = sum(_gram(ref.hn) for ref in fwd.references)
@@ -224,6 +232,10 @@ class Calibration:
             if estimate:
                 stored = r.stored(r.layer_prefix(i), r.layers[i])
                 block_params = sum(self.by_path[p].params for p in recs if p in self.by_path)
+                # what the estimates read, evaluated here: a worker thread cannot evaluate this thread's graphs
+                made = threading.Lock()
+                mx.eval([a for h in H.values() for a in ([h.rows, h.ids] if hasattr(h, "rows") else [h])],
+                        [x for rows in stats.rows.values() for x in rows])
                 for p in recs:
                     if p not in self.by_path or f"t:{p}" in self.store.done or p not in H:
                         continue
@@ -233,8 +245,10 @@ class Calibration:
                     w32 = []  # made at the first estimate, after the GPTQ solve, whose peak it would add to
 
                     def est(q, p=p, w32=w32, cheap=False):
-                        if not w32:
-                            w32.append(stored[p].astype(mx.float32))
+                        with made:   # the round-to-nearest estimates run in threads (`thread_map`)
+                            if not w32:
+                                w32.append(stored[p].astype(mx.float32))
+                                mx.eval(w32[0])
                         return stats.parts(p, H[p], w32[0] - q.full(mx.float32), cheap=cheap)
 
                     parts = rounded_estimates(self.rounding, p, stored[p], fmts, near, est,
@@ -319,6 +333,9 @@ class Calibration:
         is_head = path == head_path
 
         flips = self._flips if path == emb else None
+        # what the estimates read, evaluated here: a worker thread cannot evaluate this thread's graphs
+        mx.eval(batches, [x for x in (grads, self._embed_flip, self._head_fisher, self._head_gram, rows)
+                          if x is not None])
 
         def est(q, cheap=False):
             lookup, shift = embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, N,
@@ -334,12 +351,14 @@ class Calibration:
         fit = None
         if measured:
             totals = dict.fromkeys((str(f) for f, _ in measured), 0.0)
-            for ref in fwd.references:
+            for b, ref in enumerate(fwd.references):
+                if self.compare_at is not None:
+                    ref = ref.take(self.compare_at[b])
                 res = compare_many([(r.head({head_path: q}), ref.hn) for _, q in measured], ref, head)
                 for (f, _), got in zip(measured, res):
                     totals[str(f)] += got["kl"].sum().item()
-            units += nb * self.head_units * (1 + len(measured))
-            points = [(path, f, parts[f][1], v / N) for f, v in totals.items()]
+            units += nb * self.head_units * (1 + len(measured)) * self.compared / N
+            points = [(path, f, parts[f][1], v / self.compared) for f, v in totals.items()]
             fit = fit_calibration(points, {path: "head"})["kinds"]["head"]
             fit["points"] = [{"format": f, "estimate": _round(e), "exact": _round(x)} for _, f, e, x in points]
         measured.clear()
@@ -439,6 +458,7 @@ class Calibration:
             block_kinds = {p: k for p, k in self.kinds.items() if self.by_path[p].layer is not None}
             calib = fit_calibration(points, block_kinds)
             calib["points"] = [{"path": p, "format": f, "estimate": e, "exact": _round(x)} for p, f, e, x in points]
+            calib["positions"] = {"compared": self.compared, "of": self.n_positions}   # sample_positions
             head_rec = self.store.done.get(f"t:{self.runner.head_path}", {})
             if "head_fit" in head_rec:  # the head role's own factor, already applied to its costs
                 calib["head"] = head_rec["head_fit"]

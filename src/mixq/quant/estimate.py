@@ -155,6 +155,14 @@ def _nearest(f, solved: list):
     return min(solved, key=lambda g: (abs(g.bits - f.bits), abs(math.log2(g.group_size / f.group_size)), g.bits))
 
 
+def _work_bytes(w) -> int:
+    """A format's round-to-nearest estimate's temporaries: a few float32 copies of the tensor."""
+    n = 1
+    for d in w.shape:
+        n *= int(d)
+    return 4 * 4 * n
+
+
 def rounded_estimates(rounding, path: str, w, fmts: list, near: list, estimate, cheap=None,
                       on_solved=None) -> dict:
     """str(format) -> the estimate's components (a tuple of floats) for `w` rounded to each format as the
@@ -167,8 +175,12 @@ def rounded_estimates(rounding, path: str, w, fmts: list, near: list, estimate, 
     for those it does not (microscaled formats, no Hessian; at a near format they get the full estimate).
     `estimate`, `cheap`: QuantizedWeight -> tuple; `on_solved(fmt, QuantizedWeight)` sees each near
     format as written."""
+    from mixq.core.lanes import thread_map
     from mixq.quant.qweight import round_weight, round_weights
 
+    import mlx.core as mx
+
+    mx.eval(w)   # read by the worker threads below, which cannot evaluate this thread's graphs
     given = cheap is not None
     cheap = cheap or estimate
     gptq = [f for f in fmts if rounding is not None and rounding.uses_gptq(path, f)]
@@ -186,15 +198,20 @@ def rounded_estimates(rounding, path: str, w, fmts: list, near: list, estimate, 
             if on_solved is not None:
                 on_solved(f, q)
             del q
-    for f in fmts:
+    def rtn(f):   # a thread each: no shared state
         q = round_weight(None, path, w, f)
-        if f in near and f not in use:   # a near format written round-to-nearest
+        top = estimate(q) if (f in near and f not in use) or f in wanted else None
+        return top, (cheap(q) if given or top is None else top), q if f in near and f not in use else None
+
+    # round-to-nearest and its estimates: independent per format, on the cores side by side
+    for f, (top, lo, q) in zip(fmts, thread_map(rtn, fmts, item_bytes=_work_bytes(w))):
+        if top is not None:
+            rtn_full[f] = top
+        if q is not None:   # a near format written round-to-nearest
+            full[f] = top
             if on_solved is not None:
                 on_solved(f, q)
-            full[f] = rtn_full[f] = estimate(q)
-        elif f in wanted:
-            rtn_full[f] = estimate(q)
-        low[f] = cheap(q) if given or f not in rtn_full else rtn_full[f]
+        low[f] = lo
         del q
 
     def scaled(f, top, n):

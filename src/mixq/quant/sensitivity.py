@@ -28,7 +28,7 @@ from pathlib import Path
 from mixq.core.errors import MixqError
 
 FORMAT = "mixq-sensitivity/1"
-METHODS = {"estimate": "estimate-kfac-v5", "exact": "kl-exact-v4"}
+METHODS = {"estimate": "estimate-kfac-v6", "exact": "kl-exact-v4"}
 
 
 def _round(x: float) -> float:

@@ -123,11 +123,13 @@ class ForwardSweep:
 
     def run(self, streams: list[Stream], *, references: list | None = None, grams: bool = False,
             keep_inputs: bool = False, sample_key=None, hessians: HessianMap | None = None,
-            on_rounded=None, gram_blocks=None) -> SweepResult:
+            on_rounded=None, gram_blocks=None, compare_positions: list | None = None) -> SweepResult:
         """Run the float stream and `streams`; compare each stream with the float reference (computed here
         unless `references` is given). `hessians` receives each block's float Grams (grams=True) before
         the streams of that block are rounded. `on_rounded(stream, path, QuantizedWeight)` sees every
-        rounded tensor (the writer). `gram_blocks`: the blocks whose Grams are recorded (default all)."""
+        rounded tensor (the writer). `gram_blocks`: the blocks whose Grams are recorded (default all).
+        `compare_positions`: per batch, the flat positions the streams are compared on (`core.head.
+        sample_positions`; default all); the references themselves always cover every position."""
         import mlx.core as mx
 
         t0 = time.perf_counter()
@@ -229,8 +231,14 @@ class ForwardSweep:
                 [ref.hn for ref in references]  # never branched off: the float model's own
             compared.append((head if q is None else r.head({r.head_path: q}), s_hn))
             s.h = None
-        per = [compare_many([(hd, xs[b]) for hd, xs in compared], references[b], head, targets[b])
-               for b in range(len(self.batches))]
+        if compare_positions is not None:
+            targets = [t.reshape(-1)[idx] for t, idx in zip(targets, compare_positions)]
+        per = []
+        for b in range(len(self.batches)):
+            idx = None if compare_positions is None else compare_positions[b]
+            pairs = [(hd, xs[b] if idx is None else xs[b].reshape(-1, xs[b].shape[-1])[idx]) for hd, xs in compared]
+            per.append(compare_many(pairs, references[b] if idx is None else references[b].take(idx), head,
+                                    targets[b]))
         results = {s.name: _collect([p[j] for p in per], targets) for j, s in enumerate(streams)}
         return SweepResult(references=references, streams=results, inputs=inputs, final=final, labels=labels,
                            head_gram=head_gram, block_forwards=bf, seconds=time.perf_counter() - t0,
