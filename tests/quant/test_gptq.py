@@ -248,18 +248,21 @@ def test_hessian_types_shared_hessians_and_row_chunks_give_the_same_rounding(mon
 
 def test_kept_results_are_bounded_and_factors_follow_the_path(monkeypatch):
     W3, H3 = _experts()
-    r = Rounding({"a": H3, "b": H3[0]})
+    r = Rounding({"a": H3, "b": H3[0], "c": H3[1]})
     fmts = [Format.affine(4, 64), Format.affine(3, 64), Format.affine(2, 64)]
     monkeypatch.setattr(gptq, "CACHE_ENTRIES", 2)
     first = [r.quantized("a", W3, f) for f in fmts]
-    assert r._factors[0] == "a" and len(r._factors[2]) == 3
-    assert all(u.dtype == np.float32 for u in r._factors[2])
+    assert list(r._factors) == [("path", "a")] and len(r._factors["path", "a"]) == 3   # per-expert Hs: by path
+    assert all(u.dtype == np.float32 for u in r._factors["path", "a"])
     again = [r.quantized("a", W3, f) for f in fmts]
     # the first two are kept, the third is solved again (same values), nothing is evicted
     assert again[0] is first[0] and again[1] is first[1] and again[2] is not first[2]
     assert all(mx.array_equal(x, y).item() for x, y in zip(again[2], first[2]))
     r.quantized("b", W3[0], fmts[0])
-    assert r._factors[0] == "b" and len(r._factors[2]) == 1   # the previous path's factors are gone
+    assert [k for k, _ in r._factors] == ["path", "H"] and len(r._factors[next(reversed(r._factors))]) == 1
+    monkeypatch.setattr(gptq, "FACTOR_BYTES", 1)   # over the bound: the older factors go before a new one
+    r.quantized("c", W3[1], fmts[0], keep=False)
+    assert len(r._factors) == 1 and next(iter(r._factors))[0] == "H"
     monkeypatch.setattr(gptq, "CACHE_ENTRIES", 64)
     monkeypatch.setattr(gptq, "CACHE_BYTES", first[0][0].nbytes)   # a byte budget smaller than one result
     r2 = Rounding({"a": H3})
@@ -392,3 +395,40 @@ def test_numpy_column_loop_matches_the_compiled_mlx_one(monkeypatch, bits, dtype
         got[flag] = [np.array(a) for a in gptq._gptq(Wst, U, bits, 64, dtype)]
     for a, b in zip(got[False], got[True]):
         assert np.array_equal(a, b)
+
+
+def test_tensors_solved_side_by_side_equal_one_at_a_time(monkeypatch, tmp_path):
+    """Threads (`core.lanes.thread_map`) share one Rounding: the same packed arrays as solving in turn, q/k/v's
+    equal Grams still factored once (a second thread waits for the first's factor), every result kept."""
+    from mixq.core import lanes
+
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((512, 128)).astype(np.float32)
+    H, Hb = X.T @ X, X.T @ X + np.eye(128, dtype=np.float32)
+    W = {k: mx.array(rng.standard_normal((n, 128)).astype(np.float32) * 0.02) for k, n in
+         (("q", 96), ("k", 32), ("v", 32), ("o", 64), ("up", 160))}
+    Hs = {"q": mx.array(H), "k": mx.array(H.copy()), "v": mx.array(H.copy()), "o": mx.array(Hb), "up": mx.array(Hb)}
+    fmts = [Format.affine(4, 64), Format.affine(3, 64)]
+    calls = []
+    real = gptq._inverse_cholesky
+    monkeypatch.setattr(gptq, "_inverse_cholesky", lambda h: calls.append(1) or real(h))
+
+    def solve_all(n_lanes, spill):
+        monkeypatch.setattr(lanes, "LANES", n_lanes)
+        r = Rounding(dict(Hs), spill=spill)
+        for k in W:
+            r.ready(k, W[k])
+        got = lanes.thread_map(lambda k: r.quantized_many(k, W[k], fmts), list(W))
+        return r, dict(zip(W, got))
+
+    one_r, one = solve_all(1, tmp_path / "one")
+    assert len(calls) == 2
+    calls.clear()
+    two_r, two = solve_all(2, tmp_path / "two")
+    assert len(calls) == 2
+    for k in W:
+        for f in fmts:
+            assert all(mx.array_equal(a, b).item() for a, b in zip(one[k][str(f)], two[k][str(f)])), (k, f)
+            kept = two_r.quantized(k, W[k], f)   # read back from its file
+            assert all(mx.array_equal(a, b).item() for a, b in zip(kept, one[k][str(f)])), (k, f)
+    assert len(list((tmp_path / "two").glob("*.safetensors"))) == len(W) * len(fmts)

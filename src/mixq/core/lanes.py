@@ -1,4 +1,5 @@
-"""Independent batches evaluated side by side on the CPU's cores.
+"""Independent batches evaluated side by side on the CPU's cores (`lane_map`), and independent solves run
+one thread a core (`thread_map`).
 
 mlx runs the element-wise ops of a CPU stream on one thread (only its BLAS calls use more), and on a CPU
 they are most of a forward: a llama-135M block pass over 16 x 256 tokens spends ~17 of its 25 s in silu and
@@ -13,6 +14,7 @@ within LANE_BYTES (at Nemotron-Nano-9B's widths a batch's MLP activations alone 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 
 from mixq.core import blas
@@ -94,23 +96,28 @@ def lane_iter(fn, items, lanes: int | None = None, item_bytes: int = 0):
 
 
 _pools: dict = {}   # threads -> ThreadPoolExecutor, made once: its threads keep their mlx streams between calls
+_inside = threading.local()   # set in a worker: a nested thread_map runs in it, in order (no pool deadlock)
 
 
 def thread_map(fn, items, item_bytes: int = 0) -> list:
     """[fn(x) for x in items], on the CPU's cores one thread each (at most `lane_count(item_bytes)`), for
     work that evaluates as it goes (a rounding and its estimate), which `lane_map` cannot build as one
     graph. mlx gives each thread its own default stream (thread-safe evaluation since 0.31.2) and numpy
-    releases the GIL in its loops; OpenBLAS is shared as in `lane_map`. `fn` must not touch shared state.
-    Off the CPU, or for one lane: in order, in this thread."""
+    releases the GIL in its loops; OpenBLAS is shared as in `lane_map`. `fn` must not touch shared state
+    unguarded. Off the CPU, for one lane, or called from a worker: in order, in this thread."""
     n = min(lane_count(item_bytes), len(items))
-    if n <= 1:
+    if n <= 1 or getattr(_inside, "on", False):
         return [fn(x) for x in items]
     from concurrent.futures import ThreadPoolExecutor
+
+    def run(x):
+        _inside.on = True
+        return fn(x)
 
     if n not in _pools:
         _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mixq-lane")
     with blas_share(n):
-        return list(_pools[n].map(fn, items))
+        return list(_pools[n].map(run, items))
 
 
 def batch_bytes(anatomy, shape, copies: int = 4) -> int:

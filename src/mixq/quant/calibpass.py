@@ -23,10 +23,12 @@ import time
 
 from mixq.core.formats import Format, applicable, bits_per_weight, tensor_bytes
 from mixq.core.head import compare_many, sample_positions
+from mixq.core.lanes import thread_map
 from mixq.quant.backward import backward_sweep
 from mixq.quant.estimate import (ESTIMATOR, FisherStats, embedding_estimate, head_estimate, near_formats,
                                  rounded_estimates)
 from mixq.quant.flips import RouterFlips
+from mixq.quant.gptq import gptq_work_bytes
 from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, normalised_sum
 from mixq.quant.plan import candidate_items
 from mixq.quant.qweight import round_weights
@@ -230,38 +232,7 @@ class Calibration:
                 self.hessians.set_block(i, H)
                 self.hessians.keep(i, {p: h for p, h in H.items() if p in self.hessians.paths})
             if estimate:
-                stored = r.stored(r.layer_prefix(i), r.layers[i])
-                block_params = sum(self.by_path[p].params for p in recs if p in self.by_path)
-                # what the estimates read, evaluated here: a worker thread cannot evaluate this thread's graphs
-                made = threading.Lock()
-                mx.eval([a for h in H.values() for a in ([h.rows, h.ids] if hasattr(h, "rows") else [h])],
-                        [x for rows in stats.rows.values() for x in rows])
-                for p in recs:
-                    if p not in self.by_path or f"t:{p}" in self.store.done or p not in H:
-                        continue
-                    t = self.by_path[p]
-                    fmts = self._pairs(t)
-                    near = near_formats(t.shape, fmts, self.target, self.source_dtypes.get(p, t.dtype))
-                    w32 = []  # made at the first estimate, after the GPTQ solve, whose peak it would add to
-
-                    def est(q, p=p, w32=w32, cheap=False):
-                        with made:   # the round-to-nearest estimates run in threads (`thread_map`)
-                            if not w32:
-                                w32.append(stored[p].astype(mx.float32))
-                                mx.eval(w32[0])
-                        return stats.parts(p, H[p], w32[0] - q.full(mx.float32), cheap=cheap)
-
-                    parts = rounded_estimates(self.rounding, p, stored[p], fmts, near, est,
-                                              cheap=lambda q, est=est: est(q, cheap=True))
-                    flip = {f: _round(self._flips.cost(t.layer, v[1], self.n_positions)) if self._flips else 0.0
-                            for f, v in parts.items()}
-                    costs = {f: _round(v[0] + flip[f]) for f, v in parts.items()}
-                    del w32[:]
-                    self.store.add({"id": f"t:{p}", "path": p, "estimates": costs,
-                                    **({"flips": flip} if self._flips else {})})
-                    # the estimate's matmul against a block forward: in/rows of the layer's own forward
-                    reach = min(1.0, t.shape[-1] / max(1, self.n_positions))
-                    est_units[0] += 2 * len(near) * t.params / max(1, block_params) * len(fwd.references) * reach
+                est_units[0] += self._block_estimates(i, recs, H, stats, len(fwd.references))
                 stats.gd.clear(), stats.gf.clear(), stats.rows.clear()
             if self.hessians is not None:
                 self.hessians.set_block(None, {})
@@ -276,6 +247,50 @@ class Calibration:
         self._done("calibration backward" + (" + estimates" if estimate else ""),
                    res.block_forwards + nb * 2 * self.head_units + est_units[0])
         return res.embed_grads
+
+    def _block_estimates(self, i: int, recs: dict, H: dict, stats: FisherStats, nb: int) -> float:
+        """Every (tensor, format) estimate of block i, stored in order; the tensors side by side on the
+        cores (`thread_map`: a GPTQ solve and its estimates run in one thread, numpy's and mlx's element-wise
+        work on one core each). Returns the estimates' cost in block forwards."""
+        import mlx.core as mx
+
+        r = self.runner
+        stored = r.stored(r.layer_prefix(i), r.layers[i])
+        block_params = sum(self.by_path[p].params for p in recs if p in self.by_path)
+        todo = [p for p in recs if p in self.by_path and f"t:{p}" not in self.store.done and p in H]
+        # what the estimates read, evaluated here: a worker thread cannot evaluate this thread's graphs
+        mx.eval([stored[p] for p in todo], [x for rows in stats.rows.values() for x in rows],
+                [a for h in H.values() for a in ([h.rows, h.ids] if hasattr(h, "rows") else [h])])
+
+        def one(p):
+            t = self.by_path[p]
+            fmts = self._pairs(t)
+            near = near_formats(t.shape, fmts, self.target, self.source_dtypes.get(p, t.dtype))
+            w32, made = [], threading.Lock()   # made at the first estimate, after the GPTQ solve (its peak)
+
+            def est(q, cheap=False):
+                with made:   # the round-to-nearest estimates may run in threads of their own
+                    if not w32:
+                        w32.append(stored[p].astype(mx.float32))
+                        mx.eval(w32[0])
+                return stats.parts(p, H[p], w32[0] - q.full(mx.float32), cheap=cheap)
+
+            return rounded_estimates(self.rounding, p, stored[p], fmts, near, est,
+                                     cheap=lambda q: est(q, cheap=True)), len(near)
+
+        units = 0.0
+        work = max((gptq_work_bytes(self.by_path[p].shape) for p in todo), default=0)
+        for p, (parts, n_near) in zip(todo, thread_map(one, todo, item_bytes=work)):
+            t = self.by_path[p]
+            flip = {f: _round(self._flips.cost(t.layer, v[1], self.n_positions)) if self._flips else 0.0
+                    for f, v in parts.items()}
+            costs = {f: _round(v[0] + flip[f]) for f, v in parts.items()}
+            self.store.add({"id": f"t:{p}", "path": p, "estimates": costs,
+                            **({"flips": flip} if self._flips else {})})
+            # the estimate's matmul against a block forward: in/rows of the layer's own forward
+            reach = min(1.0, t.shape[-1] / max(1, self.n_positions))
+            units += 2 * n_near * t.params / max(1, block_params) * nb * reach
+        return units
 
     def embedding_fisher(self, grads: list) -> None:
         """H for the embedding: the Fisher of its output (a tied table adds its head role's input Gram)."""

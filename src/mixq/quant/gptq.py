@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import math
 import shutil
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +48,7 @@ CHECK_ROWS = 256           # the check runs on every k-th row, k = rows // CHECK
 CACHE_ENTRIES = 1 << 20    # packed results `Rounding` keeps (keep=True) ...
 CACHE_BYTES = 1 << 30      # ... and their bytes in all; see `Rounding`
 SPILL_BYTES = 64 << 30     # the same kept in files (`Rounding(spill=DIR)`)
+FACTOR_BYTES = 64 << 20    # float32 factors kept for more than the last Hessian (tensors solved in threads)
 # shrink ratios of a group's range tried per row (1.0 alone: min..max, as mlx). Measured, uniform GPTQ 4:64:
 # held-out KL 0.930x (demo), 0.843x (demo-moe); most from Mamba in_proj / out_proj (benchmarks/gptq_clip.py)
 CLIP_GRID = tuple(round(1.0 - 0.025 * k, 3) for k in range(9))
@@ -268,6 +271,15 @@ def gptq_2d(W, H, bits: int, group: int, dtype: str, U=None, clip: tuple | None 
     return np.array(q[0]), np.array(S[0]), np.array(B[0])
 
 
+def gptq_work_bytes(shape, formats: int = 2) -> int:
+    """A solve's memory beyond its inputs: its steps' arrays (within WORKSET_BYTES) and the factors."""
+    *lead, rows, cols = (int(d) for d in shape)
+    slices = 1
+    for d in lead:
+        slices *= d
+    return min(WORKSET_BYTES, LIVE_COPIES * 4 * formats * slices * rows * cols) + slices * cols * cols * 4
+
+
 def _steps(slices: int, rows: int, cols: int, own_factors: bool, copies: int = 1) -> Iterator[tuple[int, int, int, int]]:
     """(e0, e1, r0, r1) steps covering slices x rows, each within WORKSET_BYTES (at least 32 rows): whole
     slices, as many as fit, or row chunks of one slice. `copies`: formats solved together (a copy each)."""
@@ -346,7 +358,12 @@ class Rounding:
             self._spill.mkdir(parents=True)
             self._budget = min(SPILL_BYTES, shutil.disk_usage(self._spill).free // 2)
         self._fell_back: dict[tuple[str, str], bool] = {}  # every slice kept round-to-nearest
-        self._factors: tuple = (None, None, [])  # last path, its H's fingerprint, float32 factors per slice
+        # float32 factors per slice by H (its fingerprint, or the path for per-expert Hs): the last one, or
+        # the last few within FACTOR_BYTES (tensors of one block solved side by side, `core.lanes.thread_map`)
+        self._factors: OrderedDict = OrderedDict()
+        self._factor_of: dict = {}   # path -> its key in _factors
+        self._lock = threading.Lock()          # the cache and its files
+        self._factor_lock = threading.Lock()   # one factorisation at a time: a second asker waits and reuses it
 
     def settings(self) -> dict:
         """Everything that changes the rounded values (goes into the sensitivity key)."""
@@ -354,6 +371,15 @@ class Rounding:
             return {"method": "rtn"}
         clip = {} if self.clip == (1.0,) else {"clip": list(self.clip)}
         return {"method": GPTQ_VERSION, "damp": DAMP, "block": BLOCK, "outer": OUTER, **clip, **self._settings}
+
+    def ready(self, path: str, w=None) -> None:
+        """Evaluate `path`'s Hessian (and `w`) in this thread: a solve run in a worker thread
+        (`core.lanes.thread_map`) cannot evaluate another thread's graphs."""
+        import mlx.core as mx
+
+        H = self.hessians[path] if path in self.hessians else None
+        mx.eval([a for a in ([H.rows, H.ids] if hasattr(H, "rows") else [H]) + [w] if a is not None
+                 and not isinstance(a, np.ndarray)])
 
     def uses_gptq(self, path: str, fmt: Format) -> bool:
         return fmt.mode == "affine" and path in self.hessians
@@ -377,7 +403,9 @@ class Rounding:
         out, todo = {}, []
         for fmt in fmts:
             key = (path, str(fmt))
-            if key in self._cache:
+            with self._lock:
+                kept = key in self._cache
+            if kept:
                 out[str(fmt)] = self._kept(key)
             elif not self.uses_gptq(path, fmt) or not applicable(w.shape, fmt):
                 raise ValueError(f"{path}: no GPTQ rounding for {fmt}")
@@ -387,11 +415,12 @@ class Rounding:
             same = [f for f in todo if f.group_size == group]
             for fmt, (res, take_rtn) in zip(same, self._solve(path, w, same)):
                 key = (path, str(fmt))
-                self._fell_back[key] = bool(all(take_rtn))
                 nbytes = sum(a.nbytes for a in res)
-                if keep and len(self._cache) < CACHE_ENTRIES and self._cache_bytes + nbytes <= self._budget:
-                    self._cache[key] = self._keep(res)
-                    self._cache_bytes += nbytes
+                with self._lock:
+                    self._fell_back[key] = bool(all(take_rtn))
+                    if keep and len(self._cache) < CACHE_ENTRIES and self._cache_bytes + nbytes <= self._budget:
+                        self._cache[key] = self._keep(res)
+                        self._cache_bytes += nbytes
                 out[str(fmt)] = res
         return out
 
@@ -405,7 +434,8 @@ class Rounding:
         return f
 
     def _kept(self, key):
-        v = self._cache[key]
+        with self._lock:
+            v = self._cache[key]
         if isinstance(v, Path):
             import mlx.core as mx
 
@@ -414,19 +444,25 @@ class Rounding:
         return v
 
     def _slice_factors(self, path: str, H, slices: int) -> list:
-        """One factor per slice (or one shared by all), kept for the last path: every candidate format
-        of a tensor shares them."""
-        last, last_fp, factors = self._factors
-        if last == path:
-            return factors
-        fp = _fingerprint(H) if H.ndim == 2 else None
-        if fp is None or fp != last_fp:
-            # layers fed one input (q/k/v, gate/up) have equal Grams: factored once for all of them
-            self._factors = (None, None, [])
-            Hs = [H[e] for e in range(slices)] if H.ndim >= 3 else [H]
-            factors = [_inverse_cholesky(h) for h in Hs]
-        self._factors = (path, fp, factors)
-        return factors
+        """One factor per slice (or one shared by all), kept for the last Hessians (every candidate format
+        of a tensor shares them; a thread waits while another factors the H it needs)."""
+        with self._factor_lock:
+            key = self._factor_of.get(path)
+            if key is None or key not in self._factors:
+                key = ("H", _fingerprint(H)) if H.ndim == 2 else ("path", path)
+            if key not in self._factors:
+                # the older factors go first where the new one would pass FACTOR_BYTES (at most one is held then)
+                need = (slices if H.ndim >= 3 else 1) * int(H.shape[-1]) ** 2 * 4
+                held = sum(u.nbytes for f in self._factors.values() for u in f)
+                while self._factors and held + need > FACTOR_BYTES:
+                    held -= sum(u.nbytes for u in self._factors.popitem(last=False)[1])
+                # layers fed one input (q/k/v, gate/up) have equal Grams: factored once for all of them
+                Hs = [H[e] for e in range(slices)] if H.ndim >= 3 else [H]
+                self._factors[key] = [_inverse_cholesky(h) for h in Hs]
+            self._factors.move_to_end(key)
+            self._factor_of = {p: k for p, k in self._factor_of.items() if k in self._factors}
+            self._factor_of[path] = key
+            return self._factors[key]
 
     def _solve(self, path: str, w, fmts: list):
         """Per format (all of one group size): packed GPTQ arrays for `w` and, per 2-D slice, whether

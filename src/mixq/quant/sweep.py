@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from mixq.core.formats import Format
 from mixq.core.head import compare_many
-from mixq.core.lanes import batch_bytes, lane_map
+from mixq.core.lanes import batch_bytes, lane_map, thread_map
+from mixq.quant.gptq import gptq_work_bytes
 from mixq.quant.hessian import HessianMap, block_members, recording
 from mixq.quant.qweight import QuantizedWeight, round_weight, round_weights
 
@@ -99,7 +100,9 @@ class ForwardSweep:
     def _solve_block(self, i: int, active: list, stored: dict) -> dict:
         """Every format the active streams need for block i's tensors, solved once per tensor and rounding
         (GPTQ formats of one tensor together): (path, format, id(rounding)) -> QuantizedWeight."""
-        out = {}
+        import mlx.core as mx
+
+        jobs = []   # (path, rounding, formats): solved side by side on the cores (`thread_map`)
         for p in self.by_layer.get(i, []):
             wanted: dict = {}
             for s in active:
@@ -107,9 +110,17 @@ class ForwardSweep:
                 if (s.quantized is not None and p in s.quantized.keys()) or f is None or not f.is_quantized:
                     continue
                 wanted.setdefault(id(s.rounding), (s.rounding, {}))[1][str(f)] = f
-            for rid, (rounding, fmts) in wanted.items():
-                for name, q in round_weights(rounding, p, stored[p], list(fmts.values())).items():
-                    out[(p, name, rid)] = q
+            jobs += [(p, rounding, list(fmts.values())) for rounding, fmts in wanted.values()]
+        for p, rounding, fmts in jobs:   # evaluated here: a worker thread cannot evaluate this thread's graphs
+            if rounding is not None and any(rounding.uses_gptq(p, f) for f in fmts):
+                rounding.ready(p, stored[p])
+        mx.eval([stored[p] for p, _, _ in jobs])
+        work = max((gptq_work_bytes(stored[p].shape, len(f)) for p, _, f in jobs), default=0)
+        out = {}
+        for (p, rounding, _), got in zip(jobs, thread_map(lambda j: round_weights(j[1], j[0], stored[j[0]], j[2]),
+                                                          jobs, item_bytes=work)):
+            for name, q in got.items():
+                out[(p, name, id(rounding))] = q
         return out
 
     @staticmethod
