@@ -361,7 +361,7 @@ class Rounding:
         # float32 factors per slice by H (its fingerprint, or the path for per-expert Hs): the last one, or
         # the last few within FACTOR_BYTES (tensors of one block solved side by side, `core.lanes.thread_map`)
         self._factors: OrderedDict = OrderedDict()
-        self._factor_of: dict = {}   # path -> its key in _factors
+        self._last = threading.local()   # per thread: the last path solved and its factors' key
         self._lock = threading.Lock()          # the cache and its files
         self._factor_lock = threading.Lock()   # one factorisation at a time: a second asker waits and reuses it
 
@@ -447,9 +447,14 @@ class Rounding:
         """One factor per slice (or one shared by all), kept for the last Hessians (every candidate format
         of a tensor shares them; a thread waits while another factors the H it needs)."""
         with self._factor_lock:
-            key = self._factor_of.get(path)
-            if key is None or key not in self._factors:
-                key = ("H", _fingerprint(H)) if H.ndim == 2 else ("path", path)
+            last = getattr(self._last, "key", None)
+            if getattr(self._last, "path", None) == path and last in self._factors:
+                return self._factors[last]   # the same tensor again (its formats of another group size)
+            if H.ndim == 2:
+                key = ("H", _fingerprint(H))   # an equal Gram (q/k/v, gate/up) reuses its factors
+            else:   # per-expert Hs are not fingerprinted: factored again for every new tensor
+                key = ("path", path)
+                self._factors.pop(key, None)
             if key not in self._factors:
                 # the older factors go first where the new one would pass FACTOR_BYTES (at most one is held then)
                 need = (slices if H.ndim >= 3 else 1) * int(H.shape[-1]) ** 2 * 4
@@ -460,8 +465,7 @@ class Rounding:
                 Hs = [H[e] for e in range(slices)] if H.ndim >= 3 else [H]
                 self._factors[key] = [_inverse_cholesky(h) for h in Hs]
             self._factors.move_to_end(key)
-            self._factor_of = {p: k for p, k in self._factor_of.items() if k in self._factors}
-            self._factor_of[path] = key
+            self._last.path, self._last.key = path, key
             return self._factors[key]
 
     def _solve(self, path: str, w, fmts: list):
