@@ -417,7 +417,7 @@ def test_tensors_solved_side_by_side_equal_one_at_a_time(monkeypatch, tmp_path):
         monkeypatch.setattr(lanes, "LANES", n_lanes)
         r = Rounding(dict(Hs), spill=spill)
         for k in W:
-            r.ready(k, W[k])
+            r.ready(k)
         got = lanes.thread_map(lambda k: r.quantized_many(k, W[k], fmts), list(W))
         return r, dict(zip(W, got))
 

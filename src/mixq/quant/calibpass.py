@@ -29,7 +29,7 @@ from mixq.quant.estimate import (ESTIMATOR, FisherStats, embedding_estimate, hea
                                  rounded_estimates)
 from mixq.quant.flips import RouterFlips
 from mixq.quant.gptq import gptq_work_bytes
-from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, normalised_sum
+from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, hessian_arrays, normalised_sum
 from mixq.quant.plan import candidate_items
 from mixq.quant.qweight import round_weights
 from mixq.quant.sensitivity import METHODS, Partial, _round, fit_calibration, kind_of
@@ -260,7 +260,7 @@ class Calibration:
         todo = [p for p in recs if p in self.by_path and f"t:{p}" not in self.store.done and p in H]
         # what the estimates read, evaluated here: a worker thread cannot evaluate this thread's graphs
         mx.eval([stored[p] for p in todo], [x for rows in stats.rows.values() for x in rows],
-                [a for h in H.values() for a in ([h.rows, h.ids] if hasattr(h, "rows") else [h])])
+                [a for h in H.values() for a in hessian_arrays(h)])
 
         def one(p):
             t = self.by_path[p]

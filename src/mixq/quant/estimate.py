@@ -24,6 +24,8 @@ and it costs in/N of the per-position form without keeping any per-position rows
 
 from __future__ import annotations
 
+import math
+
 from mixq.quant.hessian import switch_rows
 
 ESTIMATOR = "fisher-kfac-diag-v1+router-flips-v1"
@@ -150,17 +152,12 @@ def near_formats(shape, fmts: list, target_bpw: float, source_dtype) -> list:
 
 def _nearest(f, solved: list):
     """The solved format closest to `f` in bits, then in group size."""
-    import math
-
     return min(solved, key=lambda g: (abs(g.bits - f.bits), abs(math.log2(g.group_size / f.group_size)), g.bits))
 
 
 def _work_bytes(w) -> int:
     """A format's round-to-nearest estimate's temporaries: a few float32 copies of the tensor."""
-    n = 1
-    for d in w.shape:
-        n *= int(d)
-    return 4 * 4 * n
+    return 4 * 4 * math.prod(int(d) for d in w.shape)
 
 
 def rounded_estimates(rounding, path: str, w, fmts: list, near: list, estimate, cheap=None,

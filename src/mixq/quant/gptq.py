@@ -274,9 +274,7 @@ def gptq_2d(W, H, bits: int, group: int, dtype: str, U=None, clip: tuple | None 
 def gptq_work_bytes(shape, formats: int = 2) -> int:
     """A solve's memory beyond its inputs: its steps' arrays (within WORKSET_BYTES) and the factors."""
     *lead, rows, cols = (int(d) for d in shape)
-    slices = 1
-    for d in lead:
-        slices *= d
+    slices = math.prod(lead)
     return min(WORKSET_BYTES, LIVE_COPIES * 4 * formats * slices * rows * cols) + slices * cols * cols * 4
 
 
@@ -372,14 +370,15 @@ class Rounding:
         clip = {} if self.clip == (1.0,) else {"clip": list(self.clip)}
         return {"method": GPTQ_VERSION, "damp": DAMP, "block": BLOCK, "outer": OUTER, **clip, **self._settings}
 
-    def ready(self, path: str, w=None) -> None:
-        """Evaluate `path`'s Hessian (and `w`) in this thread: a solve run in a worker thread
-        (`core.lanes.thread_map`) cannot evaluate another thread's graphs."""
+    def ready(self, path: str) -> None:
+        """Evaluate `path`'s Hessian in this thread: a solve run in a worker thread (`core.lanes.thread_map`)
+        cannot evaluate another thread's graphs."""
         import mlx.core as mx
 
-        H = self.hessians[path] if path in self.hessians else None
-        mx.eval([a for a in ([H.rows, H.ids] if hasattr(H, "rows") else [H]) + [w] if a is not None
-                 and not isinstance(a, np.ndarray)])
+        from mixq.quant.hessian import hessian_arrays
+
+        if path in self.hessians:
+            mx.eval([a for a in hessian_arrays(self.hessians[path]) if not isinstance(a, np.ndarray)])
 
     def uses_gptq(self, path: str, fmt: Format) -> bool:
         return fmt.mode == "affine" and path in self.hessians

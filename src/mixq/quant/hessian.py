@@ -50,6 +50,11 @@ def switch_rows(x, idx):
     return xb, ib
 
 
+def hessian_arrays(h) -> list:
+    """The arrays an H is held as: itself, or an `ExpertGrams`' routed rows and their expert ids."""
+    return [h.rows, h.ids] if isinstance(h, ExpertGrams) else [h]
+
+
 class ExpertGrams:
     """Per-expert H of a SwitchLinear from its recorded routed rows; (E, d, d) formed chunk by chunk.
     The rows are kept sorted by expert, so expert e's H costs its own rows only (masking all rows for each
@@ -195,8 +200,7 @@ class HessianMap:
         self._full = False
 
     def keep(self, index: int, entries: dict) -> None:
-        nbytes = sum(int(h.rows.nbytes + h.ids.nbytes) if hasattr(h, "rows") else int(h.nbytes)
-                     for h in entries.values())
+        nbytes = sum(int(a.nbytes) for h in entries.values() for a in hessian_arrays(h))
         if self._full or self._kept_bytes + nbytes > KEEP_BYTES:
             self._full = True  # all or nothing past this point: a sweep needs every block's
             self._kept.clear()

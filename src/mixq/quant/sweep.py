@@ -113,7 +113,7 @@ class ForwardSweep:
             jobs += [(p, rounding, list(fmts.values())) for rounding, fmts in wanted.values()]
         for p, rounding, fmts in jobs:   # evaluated here: a worker thread cannot evaluate this thread's graphs
             if rounding is not None and any(rounding.uses_gptq(p, f) for f in fmts):
-                rounding.ready(p, stored[p])
+                rounding.ready(p)
         mx.eval([stored[p] for p, _, _ in jobs])
         work = max((gptq_work_bytes(stored[p].shape, len(f)) for p, _, f in jobs), default=0)
         out = {}
