@@ -21,7 +21,8 @@ from mixq.core.modelio import load
 from mixq.quant import calibration
 from mixq.quant.calibpass import Calibration, make_rounding
 from mixq.quant.evaluate import evaluate
-from mixq.quant.gptq import CLIP_GRID, Rounding
+from mixq.quant.gptq import CLIP_GRID
+from mixq.quant.rounding import Rounding
 from mixq.quant.plan import uniform_formats
 from mixq.quant.sensitivity import kind_of
 from mixq.quant.sweep import Stream

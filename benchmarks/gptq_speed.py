@@ -157,7 +157,7 @@ def child(impl: str, folder: str, bits: int, group: int) -> None:
 
     from mixq.core import blas
     from mixq.core.formats import Format
-    from mixq.quant.gptq import Rounding
+    from mixq.quant.rounding import Rounding
 
     w = mx.array(np.load(os.path.join(folder, "w.npy"))).astype(mx.bfloat16)
     H = np.load(os.path.join(folder, "h.npy"))   # float32, as mixq's Hessians hold them

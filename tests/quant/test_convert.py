@@ -319,5 +319,9 @@ def test_a_rival_the_estimates_rule_out_is_not_measured(converted, nemotron_moe,
     fmts, _ = uniform_formats(describe(lm.model, lm.config), Format.parse(name))
     want = sum(e["sensitivity"][str(fmts[p])] for p, e in plan["tensors"].items())
     assert screened["not_measured"]["predicted_kl"][name] == pytest.approx(want, rel=1e-5)
+    # with no rival the plan is only rounded and written (no forward): its calibration KL is not measured
+    assert plan["measured_kl_calibration"] is None and plan["measured_heldout"]["kl_mean"] > 0
+    measured_plan = json.loads((measured_out / "mixq" / "plan.json").read_text())
+    assert measured_plan["measured_kl_calibration"] > 0
     if not measured["applied"]:
         assert (screened_out / "model.safetensors").read_bytes() == (measured_out / "model.safetensors").read_bytes()

@@ -149,7 +149,7 @@ def test_rounded_estimates_solve_gptq_near_the_target_and_scale_the_rest(with_ch
     """GPTQ only at the near formats, estimated in full there; every other format is its round-to-nearest
     estimate (the cheap form when given) times the ratio at the nearest near format: GPTQ's full over
     round-to-nearest's for affine formats, round-to-nearest's full over its cheap one for microscaled."""
-    from mixq.quant.gptq import Rounding
+    from mixq.quant.rounding import Rounding
     from mixq.quant.qweight import round_weight
 
     rng = np.random.default_rng(0)

@@ -11,8 +11,9 @@ from mixq.core.forward import BlockRunner
 from mixq.core.modelio import load
 from mixq.core.errors import MixqError
 from mixq.core import blas
-from mixq.quant import gptq
-from mixq.quant.gptq import DAMP, Rounding, gptq_2d, pack
+from mixq.quant import gptq, rounding
+from mixq.quant.gptq import DAMP, gptq_2d, pack
+from mixq.quant.rounding import Rounding
 
 
 @pytest.mark.parametrize("bits", AFFINE_BITS)
@@ -97,6 +98,9 @@ def test_the_check_against_round_to_nearest_reads_every_kth_row(workset, monkeyp
     monkeypatch.setattr(gptq, "CHECK_ROWS", 16)   # 48 rows: every 3rd
     if workset:   # 32-row steps: the second starts at row 32, not a multiple of 3
         monkeypatch.setattr(gptq, "WORKSET_BYTES", workset)
+    from mixq.core import lanes
+
+    monkeypatch.setattr(lanes, "LANES", 1)   # the steps in order (the spy records them as called)
     seen = []
     check = gptq._excess_error
 
@@ -246,11 +250,27 @@ def test_hessian_types_shared_hessians_and_row_chunks_give_the_same_rounding(mon
         Rounding({"w": H3[:2]}).quantized("w", W3, fmt)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_tensors_steps_solved_side_by_side_equal_one_at_a_time(shared, monkeypatch):
+    from mixq.core import lanes
+
+    W3, H3 = _experts()
+    H = mx.array(H3[1]) if shared else mx.array(H3)
+    fmts = [Format.affine(3, 64), Format.affine(4, 64)]
+    monkeypatch.setattr(gptq, "WORKSET_BYTES", 1)   # 32-row steps: six of them
+    got = {}
+    for n in (1, 2):
+        monkeypatch.setattr(lanes, "LANES", n)
+        got[n] = Rounding({"w": H}).quantized_many("w", W3, fmts, keep=False)
+    for f in fmts:
+        assert all(mx.array_equal(a, b).item() for a, b in zip(got[1][str(f)], got[2][str(f)]))
+
+
 def test_kept_results_are_bounded_and_factors_follow_the_path(monkeypatch):
     W3, H3 = _experts()
     r = Rounding({"a": H3, "b": H3[0], "c": H3[1]})
     fmts = [Format.affine(4, 64), Format.affine(3, 64), Format.affine(2, 64)]
-    monkeypatch.setattr(gptq, "CACHE_ENTRIES", 2)
+    monkeypatch.setattr(rounding, "CACHE_ENTRIES", 2)
     first = [r.quantized("a", W3, f) for f in fmts]
     assert list(r._factors) == [("path", "a")] and len(r._factors["path", "a"]) == 3   # per-expert Hs: by path
     assert all(u.dtype == np.float32 for u in r._factors["path", "a"])
@@ -260,11 +280,11 @@ def test_kept_results_are_bounded_and_factors_follow_the_path(monkeypatch):
     assert all(mx.array_equal(x, y).item() for x, y in zip(again[2], first[2]))
     r.quantized("b", W3[0], fmts[0])
     assert [k for k, _ in r._factors] == ["path", "H"] and len(r._factors[next(reversed(r._factors))]) == 1
-    monkeypatch.setattr(gptq, "FACTOR_BYTES", 1)   # over the bound: the older factors go before a new one
+    monkeypatch.setattr(rounding, "FACTOR_BYTES", 1)   # over the bound: the older factors go before a new one
     r.quantized("c", W3[1], fmts[0], keep=False)
     assert len(r._factors) == 1 and next(iter(r._factors))[0] == "H"
-    monkeypatch.setattr(gptq, "CACHE_ENTRIES", 64)
-    monkeypatch.setattr(gptq, "CACHE_BYTES", first[0][0].nbytes)   # a byte budget smaller than one result
+    monkeypatch.setattr(rounding, "CACHE_ENTRIES", 64)
+    monkeypatch.setattr(rounding, "CACHE_BYTES", first[0][0].nbytes)   # a byte budget smaller than one result
     r2 = Rounding({"a": H3})
     assert r2.quantized("a", W3, fmts[0]) is not r2.quantized("a", W3, fmts[0])
 

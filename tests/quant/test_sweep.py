@@ -199,3 +199,23 @@ def test_compare_positions_give_the_full_comparisons_values_there(fixture_models
     rank = np.cumsum(valid) - 1
     kept = flat[valid[flat]]
     assert np.allclose(part.streams["u"]["nll"], full.streams["u"]["nll"][rank[kept]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nemotron-moe", "qwen3"])
+def test_a_stream_only_written_is_rounded_as_a_measured_one_without_a_forward(fixture_models, kind):
+    lm = load(fixture_models[kind], compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner()
+    fmts = uniform_formats(a, Format.parse("4:64"))[0]
+
+    def record(into):
+        return lambda stream, path, q: into.setdefault(path, np.array(q.full(mx.float32)))
+
+    measured, written = {}, {}
+    first = ForwardSweep(r, a, _tokens(n=2)).run([Stream("u", fmts)], on_rounded=record(measured))
+    again = ForwardSweep(r, a, _tokens(n=2)).run([Stream("u", fmts, measure=False)], references=first.references,
+                                                 on_rounded=record(written))
+    assert "u" in first.streams and again.streams == {} and again.block_forwards == 0
+    assert r.head_path in written   # an untied head too; a tied one is the embedding's
+    assert written.keys() == measured.keys()
+    assert all(np.array_equal(written[p], measured[p]) for p in measured)

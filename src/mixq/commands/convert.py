@@ -91,7 +91,9 @@ def run(args) -> int:
     rnd = report["rounding"]
     print(f"rounding: {rnd['method']} ({', '.join(f'{n} {k}' for k, n in rnd['tensors'].items() if n)})")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
-    print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, measured {plan['measured_kl_calibration']:.5f}"
+    measured = plan["measured_kl_calibration"]
+    print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, " + (
+        f"measured {measured:.5f}" if measured is not None else "not measured (no rival; held-out text below)")
           + ("  [refined: " + report["refinement"]["reason"] + "]" if report["refinement"]["applied"] else ""))
     skipped = report["refinement"].get("not_measured")
     if skipped:

@@ -21,24 +21,22 @@ from __future__ import annotations
 import threading
 import time
 
-from mixq.core.formats import Format, applicable, bits_per_weight, tensor_bytes
-from mixq.core.head import compare_many, sample_positions
+from mixq.core.formats import Format, applicable, bits_per_weight
+from mixq.core.head import sample_positions
 from mixq.core.lanes import thread_map
 from mixq.quant.backward import backward_sweep
-from mixq.quant.estimate import (ESTIMATOR, FisherStats, embedding_estimate, head_estimate, near_formats,
-                                 rounded_estimates)
+from mixq.quant.estimate import ESTIMATOR, FisherStats, near_formats, rounded_estimates
 from mixq.quant.flips import RouterFlips
 from mixq.quant.gptq import gptq_work_bytes
 from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, hessian_arrays, normalised_sum
+from mixq.quant.outside import OutsideBlocks
 from mixq.quant.plan import candidate_items
-from mixq.quant.qweight import round_weights
 from mixq.quant.sensitivity import METHODS, Partial, _round, fit_calibration, kind_of
 from mixq.quant.sweep import ForwardSweep, Stream, batches_of
 
 SUBSET_BUDGET = 0.03   # exact subset: at most this fraction of the exact pass's block-forwards
 SUBSET_INSTANCES = 1   # exact subset: the deepest instance(s) of each tensor kind ...
 SUBSET_FORMATS = 1     # ... at the format(s) nearest the target (below it first)
-HEAD_GROUP_BYTES = 512 << 20  # packed heads compared against one computation of the reference's chunks
 GPTQ_TYPES = ("Linear", "SwitchLinear", "Embedding")
 
 
@@ -56,7 +54,7 @@ def gptq_paths(anatomy, rounding: str) -> list:
 def make_rounding(anatomy, rounding: str, spill=None):
     """The Rounding every pass shares; its Hessians are filled in by the sweeps as they run. `spill`: a
     directory its kept results go to (see `Rounding`)."""
-    from mixq.quant.gptq import RTN, Rounding
+    from mixq.quant.rounding import RTN, Rounding
 
     paths = gptq_paths(anatomy, rounding)
     if not paths:
@@ -66,7 +64,7 @@ def make_rounding(anatomy, rounding: str, spill=None):
                                  "fisher_samples": FISHER_SAMPLES}, spill=spill), H
 
 
-class Calibration:
+class Calibration(OutsideBlocks):
     def __init__(self, runner, anatomy, tokens, candidates: list[Format], *, rounding, hessians, method: str,
                  target_bpw: float, source_dtypes: dict, seed: int = 0, batch_size: int = 8, partial=None,
                  key: dict | None = None, progress=None):
@@ -211,8 +209,6 @@ class Calibration:
     def backward(self, fwd, estimate: bool) -> list:
         """The backward sweep; with `estimate`, every block tensor's estimates (resumable). Returns the
         gradient at the embedding output per batch."""
-        import mlx.core as mx
-
         self._stage("calibration backward" + (" + estimates" if estimate else ""))
         r = self.runner
         stats = FisherStats(self.n_positions)
@@ -308,112 +304,10 @@ class Calibration:
         mx.eval(fisher)
         self.hessians.global_[emb] = fisher
 
-    def outside_blocks(self, fwd, grads: list) -> dict:
-        """Every candidate format of the embedding and the head. Method estimate: the lookup role's
-        per-position estimate and the head role's Fisher estimate, the head role calibrated by its exact
-        KL (a head-only KL) at the formats nearest the target; method exact: the head measured exactly at
-        every format (the embedding is measured in its own stream). A tied table gets both roles summed."""
-        self._stage("embedding and head")
-        r = self.runner
-        emb, head_path = f"{r.embed_path}.weight", r.head_path
-        estimate = self.method == "estimate"
-        wanted = [p for p in dict.fromkeys((emb, head_path)) if p in self.by_path and f"t:{p}" not in self.store.done
-                  and (p == head_path or estimate)]
-        out: dict = {}
-        units = 0.0
-        for path in wanted:
-            if estimate:
-                costs, fit, u = self._outside_estimated(path, fwd, grads)
-            else:
-                (costs, u), fit = self._head_exact(path, fwd), None
-            units += u
-            out[path] = costs
-            self.store.add({"id": f"t:{path}", "path": path, "estimates": costs, **({"head_fit": fit} if fit else {})})
-        self._done("embedding and head", units)
-        return out
-
-    def _outside_estimated(self, path: str, fwd, grads: list) -> tuple:
-        import mlx.core as mx
-
-        r = self.runner
-        emb, head_path = f"{r.embed_path}.weight", r.head_path
-        head = r.head()
-        t = self.by_path[path]
-        stored = r.head_weight() if path == head_path else r.embed_table()
-        fmts = self._pairs(t)
-        near = near_formats(t.shape, fmts, self.target, self.source_dtypes.get(path, t.dtype))
-        batches = self._sweep().batches
-        N, nb = self.n_positions, len(fwd.references)
-        rows = [ref.hn for ref in fwd.references] if t.shape[-1] > N else None
-        is_head = path == head_path
-
-        flips = self._flips if path == emb else None
-        # what the estimates read, evaluated here: a worker thread cannot evaluate this thread's graphs
-        mx.eval(batches, [x for x in (grads, self._embed_flip, self._head_fisher, self._head_gram, rows)
-                          if x is not None])
-
-        def est(q, cheap=False):
-            lookup, shift = embedding_estimate(grads, batches, lambda x: stored[x].astype(mx.float32), q, N,
-                                               self._embed_flip if flips else None) if path == emb else (0.0, 0.0)
-            role = head_estimate(self._head_fisher, self._head_gram, stored, q, N, rows, diagonal=cheap) \
-                if is_head else 0.0
-            return (lookup, role, shift)
-
-        measured: list = []   # the near formats as written: the head role's exact KL calibrates its estimate
-        parts = rounded_estimates(self.rounding, path, stored, fmts, near, est, cheap=lambda q: est(q, cheap=True),
-                                  on_solved=(lambda f, q: measured.append((f, q))) if is_head else None)
-        units = 0.0
-        fit = None
-        if measured:
-            totals = dict.fromkeys((str(f) for f, _ in measured), 0.0)
-            for b, ref in enumerate(fwd.references):
-                if self.compare_at is not None:
-                    ref = ref.take(self.compare_at[b])
-                res = compare_many([(r.head({head_path: q}), ref.hn) for _, q in measured], ref, head)
-                for (f, _), got in zip(measured, res):
-                    totals[str(f)] += got["kl"].sum().item()
-            units += nb * self.head_units * (1 + len(measured)) * self.compared / N
-            points = [(path, f, parts[f][1], v / self.compared) for f, v in totals.items()]
-            fit = fit_calibration(points, {path: "head"})["kinds"]["head"]
-            fit["points"] = [{"format": f, "estimate": _round(e), "exact": _round(x)} for _, f, e, x in points]
-        measured.clear()
-        c = fit["c"] if fit else 1.0
-        # the estimates' own matmuls, in head projections: width/positions of one each (rows: one each)
-        reach = 1.0 if rows is not None else min(1.0, t.shape[-1] / max(1, N))
-        units += nb * self.head_units * reach * 2 * len(near) if is_head else 0.0
-        return {f: _round(lk + c * hr + (flips.cost(None, q, N) if flips else 0.0))
-                for f, (lk, hr, q) in parts.items()}, fit, units
-
-    def _head_exact(self, path: str, fwd) -> tuple:
-        """The head at every candidate format, each measured exactly (groups of packed heads compared
-        against one computation of the reference's chunks); and its cost in block forwards."""
-        r = self.runner
-        head = r.head()
-        t = self.by_path[path]
-        fmts = self._pairs(t)
-        totals = dict.fromkeys(map(str, fmts), 0.0)
-        units = 0.0
-        batch: list = []
-        for k, f in enumerate(fmts):
-            batch.append(f)
-            if k + 1 < len(fmts) and sum(tensor_bytes(t.shape, g, t.dtype) for g in batch + [fmts[k + 1]]) \
-                    <= HEAD_GROUP_BYTES:
-                continue
-            solved = round_weights(self.rounding, path, r.head_weight(), batch)
-            group = [(g, solved[str(g)]) for g in batch]
-            for ref in fwd.references:
-                res = compare_many([(r.head({path: q}), ref.hn) for _, q in group], ref, head)
-                for (g, _), got in zip(group, res):
-                    totals[str(g)] += got["kl"].sum().item()
-            units += len(fwd.references) * self.head_units * (1 + len(group))
-            del solved, group
-            batch = []
-        return {f: _round(v / self.n_positions) for f, v in totals.items()}, units
-
     def exact_blocks(self, fwd) -> None:
         """The exact method: every (block tensor | embedding, format) pair measured, one sweep per block
         (its pairs as streams beside the float model, at most `max_streams` at a time)."""
-        n, nb = self.runner.num_blocks, len(fwd.references)
+        nb = len(fwd.references)
         emb = f"{self.runner.embed_path}.weight"
         groups: dict = {}
         for t in self.items:

@@ -248,7 +248,9 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
     """One sweep on the calibration windows: the plan (written as it is rounded) and its rivals."""
     writer = PlanWriter(tmp, anatomy, formats, lm.source_dtypes, max_shard_bytes=opts.max_shard_bytes)
     tuner = BlockTuner(runner, TuneSettings(seed=opts.seed)) if opts.refine else None
-    plan_stream = Stream("mixq", formats, rounding, tuner=tuner)
+    # the plan runs (a forward and a head comparison) only where its calibration KL decides something: against
+    # a rival, or its tuning's effect; otherwise it is rounded and written, and held-out text measures it
+    plan_stream = Stream("mixq", formats, rounding, tuner=tuner, measure=bool(rivals) or tuner is not None)
     streams = [plan_stream] + [Stream(name, fmts, rounding) for _, name, fmts in rivals]
     if tuner is not None:   # the same rounding untuned: the tuning's effect on the calibration KL
         streams.append(Stream(UNTUNED, formats, rounding))
@@ -302,7 +304,7 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
     rivals, skipped = _screen_rivals(plan, _uniform_rivals(anatomy, lm, candidates, plan))
     got = _write_sweep(opts, lm, anatomy, runner, windows, plan_formats(plan), rounding, hessians, rivals, tmp, prog,
                        timings, references)
-    mixq_calib = got["mixq"]
+    mixq_calib = got.get("mixq")   # None: not measured (no rival, no tuning)
     refinement = {"applied": False, "compared": {name: got[name]["kl_mean"] for _, name, _ in rivals}}
     if skipped:
         refinement["not_measured"] = {
@@ -322,12 +324,14 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
         plan["achieved_bpw"] = plan["total_bytes"] * 8 / anatomy.mlx_lm_params
         plan["predicted_kl"] = _predicted_kl(plan, fmts)
         shutil.rmtree(tmp, ignore_errors=True)
+        # measured again only when tuned; otherwise it is the rival as measured (the same formats and rounding)
         mixq_calib = _write_sweep(opts, lm, anatomy, runner, windows, fmts, rounding, hessians, [], tmp, prog,
-                                  timings, references)["mixq"]
+                                  timings, references).get("mixq") or got[name]
     return mixq_calib, refinement
 
 
 def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement) -> dict:
+    mixq_calib = mixq_calib or {}
     tuned = {p for b in (mixq_calib.get("tuning") or {}).get("blocks", []) if b["kept"] for p in b["tensors"]}
     for path, e in plan["tensors"].items():
         e["rounding"] = rounding.name_for(path, Format.parse(e["format"]))
@@ -340,7 +344,7 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
         "calibration": {**windows.to_dict(), "source": opts.calibration or "built-in"},
         "sensitivity_key": key,
         "predicted_kl_calibration": plan["predicted_kl"],
-        "measured_kl_calibration": mixq_calib["kl_mean"],
+        "measured_kl_calibration": mixq_calib.get("kl_mean"),   # None: measured on held-out text only
         "refinement": refinement,
         "tuning": mixq_calib.get("tuning"),
         "versions": _versions(),

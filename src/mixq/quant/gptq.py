@@ -17,23 +17,20 @@ inverse, done in place by LAPACK on the CPU (mlx has them on the CPU stream only
 Rows are independent given H, so a weight is solved a few rows (or a few experts, batched) at a time:
 the float32 working set of one step stays within about WORKSET_BYTES whatever the tensor's size (lm_head
 131072 x 4480 included); on top of it a tensor holds its H and factors (one per expert for switch layers,
-in numpy, sent to the device 32 rows at a time) and its packed result.
+in numpy, sent to the device 32 rows at a time) and its packed result. Which tensors are solved, and what
+is kept between solves, is `mixq.quant.rounding.Rounding`'s.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import shutil
-import threading
-from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from mixq.core.blas import numpy_on_cpu
-from mixq.core.formats import Format, applicable, dequantize, quantize_dequantize
+from mixq.core.lanes import thread_map
 
 GPTQ_VERSION = "gptq-v6"   # v6: a 256-row check sample; v5: outer blocks, the check on a row sample
 DAMP = 0.01   # fraction of mean(diag H) added to the diagonal: keeps H invertible, standard in GPTQ
@@ -45,10 +42,6 @@ LIVE_COPIES = 4            # float32 arrays of a step's size the solve holds at 
 CHECK_COPIES = 10          # the same for the check against round-to-nearest (run on a few rows at a time)
 CHECK_ROWS = 256           # the check runs on every k-th row, k = rows // CHECK_ROWS (it was ~1/4 of a solve;
                            # 1024 rows were still 1/3 of a 1536x576 solve: 0.60 -> 0.40 s for two formats)
-CACHE_ENTRIES = 1 << 20    # packed results `Rounding` keeps (keep=True) ...
-CACHE_BYTES = 1 << 30      # ... and their bytes in all; see `Rounding`
-SPILL_BYTES = 64 << 30     # the same kept in files (`Rounding(spill=DIR)`)
-FACTOR_BYTES = 64 << 20    # float32 factors kept for more than the last Hessian (tensors solved in threads)
 # shrink ratios of a group's range tried per row (1.0 alone: min..max, as mlx). Measured, uniform GPTQ 4:64:
 # held-out KL 0.930x (demo), 0.843x (demo-moe); most from Mamba in_proj / out_proj (benchmarks/gptq_clip.py)
 CLIP_GRID = tuple(round(1.0 - 0.025 * k, 3) for k in range(9))
@@ -315,223 +308,67 @@ def _excess_error(Wsrc, g, r, H, kw: dict) -> np.ndarray:
     return total
 
 
-def _fingerprint(H) -> tuple:
-    """Shape and a digest of H's values, a few rows at a time (no copy of a 9B model's 1 GiB Gram)."""
-    import hashlib
+def solve(w, H, Us: list, fmts: list, clip: tuple):
+    """Per format (all of one group size): packed GPTQ arrays for `w` (source dtype, (..., rows, cols)) and,
+    per 2-D slice, whether round-to-nearest was kept instead. `H`: one (cols, cols) or one per slice; `Us`:
+    the inverse Cholesky factor of each (`_inverse_cholesky`), or one shared."""
+    import mlx.core as mx
 
-    h = hashlib.blake2b(digest_size=16)
-    step = max(1, (16 << 20) // max(4 * int(H.shape[-1]), 1))
-    for a in range(0, int(H.shape[0]), step):
-        h.update(np.ascontiguousarray(np.asarray(H[a:a + step], dtype=np.float32)).tobytes())
-    return tuple(H.shape), h.hexdigest()
+    *lead, rows, cols = w.shape
+    W3 = w.reshape(-1, rows, cols)   # switch experts (E, out, in) get one Hessian each
+    slices = W3.shape[0]
+    Hs = _f32(H) if H.ndim == 2 else None   # one shared H, converted once
+    dtype = str(w.dtype).rsplit(".", 1)[-1]
+    F = len(fmts)
+    kws = [dict(group_size=f.group_size, bits=f.bits, mode="affine") for f in fmts]
+    worse = np.zeros((F, slices))   # per format and slice: GPTQ's output error minus round-to-nearest's
+    stride = max(1, rows // CHECK_ROWS)   # ... estimated on every stride-th row of the slice
+    if isinstance(H, mx.array):   # read by the steps' threads, which cannot evaluate this thread's graphs
+        mx.eval(H)
+    mx.eval(W3, *([Hs] if Hs is not None else []))
 
+    def step(at):   # one step's GPTQ arrays per format, and its rows' excess error over round-to-nearest
+        e0, e1, r0, r1 = at
+        Wsrc = W3[e0:e1, r0:r1]
+        n = e1 - e0
+        Uc = Us[0][None] if len(Us) == 1 else np.concatenate([np.stack(Us[e0:e1])] * F)
+        Wf = Wsrc.astype(mx.float32)
+        q, S, B = _gptq(mx.concatenate([Wf] * F) if F > 1 else Wf, Uc,
+                        [f.bits for f in fmts for _ in range(n)] if F > 1 else fmts[0].bits,
+                        fmts[0].group_size, dtype, clip)
+        gs, excess = [], np.zeros((F, n))
+        rs = slice((-r0) % stride, None, stride)   # the sampled rows of this step (global index % stride == 0)
+        Hh = Hs if Hs is not None else [H[e] for e in range(e0, e1)]
+        for k, fmt in enumerate(fmts):
+            sl = slice(k * n, (k + 1) * n)
+            g = (pack(q[sl], fmt.bits), S[sl].astype(w.dtype), B[sl].astype(w.dtype))
+            mx.eval(*g)
+            r = tuple(mx.quantize(Wsrc[:, rs], **kws[k]))
+            excess[k] = stride * _excess_error(Wsrc[:, rs], tuple(a[:, rs] for a in g), r, Hh, kws[k])
+            gs.append(g)
+        return gs, excess
 
-class Rounding:
-    """Per tensor: GPTQ for affine formats where a Hessian was collected, mlx's round-to-nearest otherwise.
-
-    `quantized` returns the packed (weight, scales, biases) mlx arrays that the written model holds;
-    `qdq` returns their float32 dequantization (the fake quant every measurement uses). Hessians are
-    numpy or mx arrays, (cols, cols) or one per expert (experts, cols, cols).
-
-    Results asked for with `keep=True` are cached, packed, while the cache has room: at most
-    CACHE_ENTRIES results and CACHE_BYTES in all, first come first kept, nothing evicted. A plan that is
-    evaluated again and then written in the same tensor order (calibration, held-out, write) finds its
-    first tensors solved, where least-recently-used would find none once the plan outgrows the cache;
-    evaluating further plans adds nothing. With `spill` (a directory) kept results go to files there instead
-    of memory (SPILL_BYTES, at most half the free disk), read back when asked for: at a 9B model's widths
-    the in-memory cache was a third of the convert's memory beyond its weights.
-    """
-
-    def __init__(self, hessians=None, settings: dict | None = None, clip: tuple | None = None, spill=None):
-        # a dict, or mixq.quant.hessian.Hessians (computed lazily per block): path -> H
-        self.hessians = hessians if hessians is not None else {}
-        self._settings = dict(settings or {})
-        self.clip = tuple(CLIP_GRID if clip is None else clip)   # group range shrink ratios searched
-        self._cache: dict[tuple[str, str], Any] = {}   # key -> packed arrays, or the file holding them
-        self._cache_bytes = 0
-        self._spill, self._budget = None, CACHE_BYTES
-        if spill is not None:
-            self._spill = Path(spill)
-            shutil.rmtree(self._spill, ignore_errors=True)   # an earlier run's files: their index is gone
-            self._spill.mkdir(parents=True)
-            self._budget = min(SPILL_BYTES, shutil.disk_usage(self._spill).free // 2)
-        self._fell_back: dict[tuple[str, str], bool] = {}  # every slice kept round-to-nearest
-        # float32 factors per slice by H (its fingerprint, or the path for per-expert Hs): the last one, or
-        # the last few within FACTOR_BYTES (tensors of one block solved side by side, `core.lanes.thread_map`)
-        self._factors: OrderedDict = OrderedDict()
-        self._last = threading.local()   # per thread: the last path solved and its factors' key
-        self._lock = threading.Lock()          # the cache and its files
-        self._factor_lock = threading.Lock()   # one factorisation at a time: a second asker waits and reuses it
-
-    def settings(self) -> dict:
-        """Everything that changes the rounded values (goes into the sensitivity key)."""
-        if not self.hessians:
-            return {"method": "rtn"}
-        clip = {} if self.clip == (1.0,) else {"clip": list(self.clip)}
-        return {"method": GPTQ_VERSION, "damp": DAMP, "block": BLOCK, "outer": OUTER, **clip, **self._settings}
-
-    def ready(self, path: str) -> None:
-        """Evaluate `path`'s Hessian in this thread: a solve run in a worker thread (`core.lanes.thread_map`)
-        cannot evaluate another thread's graphs."""
-        import mlx.core as mx
-
-        from mixq.quant.hessian import hessian_arrays
-
-        if path in self.hessians:
-            mx.eval([a for a in hessian_arrays(self.hessians[path]) if not isinstance(a, np.ndarray)])
-
-    def uses_gptq(self, path: str, fmt: Format) -> bool:
-        return fmt.mode == "affine" and path in self.hessians
-
-    def name_for(self, path: str, fmt: Format) -> str:
-        """How the tensor is rounded: "gptq", "rtn" (no Hessian, a microscaled format, or GPTQ measured
-        worse than round-to-nearest, known once the tensor has been rounded), or "float"."""
-        if not fmt.is_quantized:
-            return "float"
-        if not self.uses_gptq(path, fmt) or self._fell_back.get((path, str(fmt))):
-            return "rtn"
-        return "gptq"
-
-    def quantized(self, path: str, w, fmt: Format, keep: bool = True) -> tuple[Any, Any, Any]:
-        """GPTQ-rounded (packed uint32 weight, scales, biases) for `w` given in its source dtype."""
-        return self.quantized_many(path, w, [fmt], keep=keep)[str(fmt)]
-
-    def quantized_many(self, path: str, w, fmts: list, keep: bool = True) -> dict:
-        """`quantized` for several affine formats of one tensor: formats of the same group size are solved
-        together, one pass over the columns for all (same results as one by one)."""
-        out, todo = {}, []
-        for fmt in fmts:
-            key = (path, str(fmt))
-            with self._lock:
-                kept = key in self._cache
-            if kept:
-                out[str(fmt)] = self._kept(key)
-            elif not self.uses_gptq(path, fmt) or not applicable(w.shape, fmt):
-                raise ValueError(f"{path}: no GPTQ rounding for {fmt}")
-            elif fmt not in todo:
-                todo.append(fmt)
-        for group in sorted({f.group_size for f in todo}):
-            same = [f for f in todo if f.group_size == group]
-            for fmt, (res, take_rtn) in zip(same, self._solve(path, w, same)):
-                key = (path, str(fmt))
-                nbytes = sum(a.nbytes for a in res)
-                with self._lock:
-                    self._fell_back[key] = bool(all(take_rtn))
-                    if keep and len(self._cache) < CACHE_ENTRIES and self._cache_bytes + nbytes <= self._budget:
-                        self._cache[key] = self._keep(res)
-                        self._cache_bytes += nbytes
-                out[str(fmt)] = res
-        return out
-
-    def _keep(self, res: tuple):
-        if self._spill is None:
-            return res
-        import mlx.core as mx
-
-        f = self._spill / f"{len(self._cache)}.safetensors"
-        mx.save_safetensors(str(f), dict(zip("wsb", res)))
-        return f
-
-    def _kept(self, key):
-        with self._lock:
-            v = self._cache[key]
-        if isinstance(v, Path):
-            import mlx.core as mx
-
-            d = mx.load(str(v))
-            return d["w"], d["s"], d["b"]
-        return v
-
-    def _slice_factors(self, path: str, H, slices: int) -> list:
-        """One factor per slice (or one shared by all), kept for the last Hessians (every candidate format
-        of a tensor shares them; a thread waits while another factors the H it needs)."""
-        with self._factor_lock:
-            last = getattr(self._last, "key", None)
-            if getattr(self._last, "path", None) == path and last in self._factors:
-                return self._factors[last]   # the same tensor again (its formats of another group size)
-            if H.ndim == 2:
-                key = ("H", _fingerprint(H))   # an equal Gram (q/k/v, gate/up) reuses its factors
-            else:   # per-expert Hs are not fingerprinted: factored again for every new tensor
-                key = ("path", path)
-                self._factors.pop(key, None)
-            if key not in self._factors:
-                # the older factors go first where the new one would pass FACTOR_BYTES (at most one is held then)
-                need = (slices if H.ndim >= 3 else 1) * int(H.shape[-1]) ** 2 * 4
-                held = sum(u.nbytes for f in self._factors.values() for u in f)
-                while self._factors and held + need > FACTOR_BYTES:
-                    held -= sum(u.nbytes for u in self._factors.popitem(last=False)[1])
-                # layers fed one input (q/k/v, gate/up) have equal Grams: factored once for all of them
-                Hs = [H[e] for e in range(slices)] if H.ndim >= 3 else [H]
-                self._factors[key] = [_inverse_cholesky(h) for h in Hs]
-            self._factors.move_to_end(key)
-            self._last.path, self._last.key = path, key
-            return self._factors[key]
-
-    def _solve(self, path: str, w, fmts: list):
-        """Per format (all of one group size): packed GPTQ arrays for `w` and, per 2-D slice, whether
-        round-to-nearest was kept instead."""
-        import mlx.core as mx
-
-        *lead, rows, cols = w.shape
-        W3 = w.reshape(-1, rows, cols)   # switch experts (E, out, in) get one Hessian each
-        slices = W3.shape[0]
-        H = self.hessians[path]
-        if H.ndim >= 3:
-            H = H.reshape(-1, cols, cols)
-            if H.shape[0] != slices:
-                raise ValueError(f"{path}: {H.shape[0]} Hessians for {slices} slices")
-        Us = self._slice_factors(path, H, slices)
-        Hs = _f32(H) if H.ndim == 2 else None   # one shared H, converted once
-        dtype = str(w.dtype).rsplit(".", 1)[-1]
-        F = len(fmts)
-        kws = [dict(group_size=f.group_size, bits=f.bits, mode="affine") for f in fmts]
-        worse = np.zeros((F, slices))   # per format and slice: GPTQ's output error minus round-to-nearest's
-        stride = max(1, rows // CHECK_ROWS)   # ... estimated on every stride-th row of the slice
-        parts = []                      # per step: (e0, e1, r0, r1, per format GPTQ's packed arrays)
-        for e0, e1, r0, r1 in _steps(slices, rows, cols, len(Us) > 1, copies=F):
-            Wsrc = W3[e0:e1, r0:r1]
-            n = e1 - e0
-            Uc = Us[0][None] if len(Us) == 1 else np.concatenate([np.stack(Us[e0:e1])] * F)
-            Wf = Wsrc.astype(mx.float32)
-            q, S, B = _gptq(mx.concatenate([Wf] * F) if F > 1 else Wf, Uc,
-                            [f.bits for f in fmts for _ in range(n)] if F > 1 else fmts[0].bits,
-                            fmts[0].group_size, dtype, self.clip)
-            gs = []
-            rs = slice((-r0) % stride, None, stride)   # the sampled rows of this step (global index % stride == 0)
-            Hh = Hs if Hs is not None else [H[e] for e in range(e0, e1)]
-            for k, fmt in enumerate(fmts):
-                sl = slice(k * n, (k + 1) * n)
-                g = (pack(q[sl], fmt.bits), S[sl].astype(w.dtype), B[sl].astype(w.dtype))
-                mx.eval(*g)
-                r = tuple(mx.quantize(Wsrc[:, rs], **kws[k]))
-                worse[k, e0:e1] += stride * _excess_error(Wsrc[:, rs], tuple(a[:, rs] for a in g), r, Hh, kws[k])
-                gs.append(g)
-            del q, S, B, Uc
-            parts.append((e0, e1, r0, r1, gs))
-        # never worse than round-to-nearest on the output error GPTQ minimises, as the row sample estimates it
-        # (matters at 2 bits); its arrays are not kept but quantized again, step by step, for the slices that
-        # take them
-        results = []
-        for k in range(F):
-            take_rtn = worse[k] > 0
-            pieces: list[list] = [[], [], []]
-            for e0, e1, r0, r1, gs in parts:
-                for e in range(e0, e1):
-                    arrs = mx.quantize(W3[e, r0:r1], **kws[k]) if take_rtn[e] else [a[e - e0] for a in gs[k]]
-                    for j in range(3):
-                        pieces[j].append(arrs[j])
-            out = tuple(mx.concatenate(p, axis=0).reshape(*lead, rows, -1) for p in pieces)
-            mx.eval(*out)
-            results.append((out, take_rtn))
-        parts.clear()
-        return results
-
-    def qdq(self, path: str, w, fmt: Format, keep: bool = False):
-        """Float32 value of `w` (source dtype) after rounding to `fmt` this way."""
-        if not self.uses_gptq(path, fmt):
-            return quantize_dequantize(w, fmt)
-        wq, s, b = self.quantized(path, w, fmt, keep=keep)
-        return dequantize(wq, s, b, fmt)
-
-
-RTN = Rounding()
+    # steps are independent given the factors: a tensor of many steps (a vocabulary table, stacked experts)
+    # has them solved side by side on the cores (in order where the caller is itself one of several threads)
+    at = list(_steps(slices, rows, cols, len(Us) > 1, copies=F))
+    parts = []                      # per step: (e0, e1, r0, r1, per format GPTQ's packed arrays)
+    for (e0, e1, r0, r1), (gs, excess) in zip(at, thread_map(step, at, item_bytes=WORKSET_BYTES)):
+        worse[:, e0:e1] += excess
+        parts.append((e0, e1, r0, r1, gs))
+    # never worse than round-to-nearest on the output error GPTQ minimises, as the row sample estimates it
+    # (matters at 2 bits); its arrays are not kept but quantized again, step by step, for the slices that
+    # take them
+    results = []
+    for k in range(F):
+        take_rtn = worse[k] > 0
+        pieces: list[list] = [[], [], []]
+        for e0, e1, r0, r1, gs in parts:
+            for e in range(e0, e1):
+                arrs = mx.quantize(W3[e, r0:r1], **kws[k]) if take_rtn[e] else [a[e - e0] for a in gs[k]]
+                for j in range(3):
+                    pieces[j].append(arrs[j])
+        out = tuple(mx.concatenate(p, axis=0).reshape(*lead, rows, -1) for p in pieces)
+        mx.eval(*out)
+        results.append((out, take_rtn))
+    parts.clear()
+    return results

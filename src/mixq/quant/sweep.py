@@ -39,7 +39,14 @@ class Stream:
     # called per block with (block, path -> QuantizedWeight, the stream's inputs, the float block's outputs,
     # the float block's inputs); returns the tensors the stream runs (and writes) instead: `quant.tune.BlockTuner`
     tuner: object = None
+    # False: the stream's tensors are only rounded (and handed to on_rounded), never run or compared; a plan
+    # written without a measurement costs no forward
+    measure: bool = True
     h: list | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.tuner is not None and not self.measure:
+            raise ValueError(f"stream {self.name}: a tuned stream runs its blocks (measure=True)")
 
     def touched(self) -> set:
         out = {p for p, f in self.formats.items() if f.is_quantized}
@@ -123,6 +130,51 @@ class ForwardSweep:
                 out[(p, name, id(rounding))] = q
         return out
 
+    def _head_stage(self, streams, hn, references, sample_key, emb_q, on_rounded, compare_positions):
+        """The float reference (unless given) and labels from the final hidden states `hn`, each measured
+        stream compared with it through its own head; an untied head rounded for the streams written only."""
+        import mlx.core as mx
+
+        r = self.runner
+        for s in streams:
+            if r.head_path in s.touched() and not s.measure and not r.tied:   # a tied table went with the embedding
+                q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
+                if on_rounded:
+                    on_rounded(s, r.head_path, q)
+        measured = [s for s in streams if s.measure]
+        if references is not None and sample_key is None and not measured:
+            return references, None, {}
+        head = r.head()
+        targets = [targets_of(x) for x in self.batches]
+        keys = [None] * len(self.batches) if sample_key is None else mx.random.split(sample_key, len(hn))
+        if references is None:  # labels drawn from the same chunks of logits as the reference's statistics
+            references = [head.reference(x, t, sample_key=k) for x, t, k in zip(hn, targets, keys)]
+            labels = [ref.labels for ref in references] if sample_key is not None else None
+        else:
+            labels = None if sample_key is None else [head.sample(x, k) for x, k in zip(hn, keys)]
+        compared = []
+        for s in measured:
+            q = None
+            if r.head_path in s.touched():
+                q = emb_q.get(s.name)   # held only for a tied head
+                if q is None:
+                    q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
+                    if on_rounded:
+                        on_rounded(s, r.head_path, q)
+            s_hn = [r.norm(x) for x in s.h] if s.h is not None else hn if hn is not None else \
+                [ref.hn for ref in references]  # never branched off: the float model's own
+            compared.append((head if q is None else r.head({r.head_path: q}), s_hn))
+            s.h = None
+        if compare_positions is not None:
+            targets = [t.reshape(-1)[idx] for t, idx in zip(targets, compare_positions)]
+        per = []
+        for b in range(len(self.batches)):
+            idx = None if compare_positions is None else compare_positions[b]
+            pairs = [(hd, xs[b] if idx is None else xs[b].reshape(-1, xs[b].shape[-1])[idx]) for hd, xs in compared]
+            per.append(compare_many(pairs, references[b] if idx is None else references[b].take(idx), head,
+                                    targets[b]))
+        return references, labels, {s.name: _collect([p[j] for p in per], targets) for j, s in enumerate(measured)}
+
     @staticmethod
     def _pick(stream: Stream, path: str, solved: dict):
         if stream.quantized is not None and path in stream.quantized.keys():
@@ -158,9 +210,10 @@ class ForwardSweep:
                 q = self._rounded(s, emb, {emb: table})
                 if on_rounded:
                     on_rounded(s, emb, q)
-                s.h = [q.take(x, r.compute) for x in self.batches]
-                mx.eval(s.h)
-                if r.tied:   # the head reuses it; an untied table's rounding is let go (0.4 GiB at 9B widths)
+                if s.measure:
+                    s.h = [q.take(x, r.compute) for x in self.batches]
+                    mx.eval(s.h)
+                if r.tied and s.measure:   # the head reuses it; an untied table's is let go (0.4 GiB at 9B widths)
                     emb_q[s.name] = q
                 del q
         del table
@@ -168,7 +221,7 @@ class ForwardSweep:
         # the float model runs only for what needs it: the reference, labels, block inputs, streams that
         # branch off later, or Grams not kept from an earlier sweep
         float_run = references is None or keep_inputs or sample_key is not None or \
-            any(starts[s.name] > 0 or s.tuner is not None for s in streams) or \
+            any((starts[s.name] > 0 and s.measure) or s.tuner is not None for s in streams) or \
             (grams and hessians is not None and not hessians.kept_all(range(n)))
         bf = float(len(self.batches) * n) if float_run else 0.0
         block_seconds = []
@@ -193,7 +246,7 @@ class ForwardSweep:
                     r.relax(i)   # the float block's compute copies are not held through the rounding
                 solved = self._solve_block(i, active, r.stored(r.layer_prefix(i), r.layers[i])) if active else {}
                 for s in active:
-                    if s.h is None:
+                    if s.h is None and s.measure:
                         s.h = h_in
                     qs = {p: q for p in self.by_layer.get(i, []) if (q := self._pick(s, p, solved)) is not None}
                     if s.tuner is not None and qs:
@@ -202,7 +255,10 @@ class ForwardSweep:
                     for p, q in qs.items():
                         if on_rounded:
                             on_rounded(s, p, q)
-                        over[p] = q.full(r.compute)
+                        if s.measure:
+                            over[p] = q.full(r.compute)
+                    if not s.measure:
+                        continue
                     with r.swap(i, over):
                         s.h = lane_map(lambda x, i=i: r.block(i, x), s.h, item_bytes=item)
                     bf += len(self.batches)
@@ -215,42 +271,14 @@ class ForwardSweep:
         hn = [r.norm(x) for x in final] if float_run else None
         if hn is not None:
             mx.eval(hn)
-        head = r.head()
         head_gram = None
         if grams and float_run:
             for x in hn:
                 rows = x.reshape(-1, x.shape[-1])
                 head_gram = rows.T @ rows if head_gram is None else head_gram + rows.T @ rows
             mx.eval(head_gram)
-        targets = [targets_of(x) for x in self.batches]
-        keys = [None] * len(self.batches) if sample_key is None else mx.random.split(sample_key, len(hn))
-        if references is None:  # labels drawn from the same chunks of logits as the reference's statistics
-            references = [head.reference(x, t, sample_key=k) for x, t, k in zip(hn, targets, keys)]
-            labels = [ref.labels for ref in references] if sample_key is not None else None
-        else:
-            labels = None if sample_key is None else [head.sample(x, k) for x, k in zip(hn, keys)]
-        compared = []
-        for s in streams:
-            q = None
-            if r.head_path in s.touched():
-                q = emb_q.get(s.name)   # held only for a tied head
-                if q is None:
-                    q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
-                    if on_rounded:
-                        on_rounded(s, r.head_path, q)
-            s_hn = [r.norm(x) for x in s.h] if s.h is not None else hn if hn is not None else \
-                [ref.hn for ref in references]  # never branched off: the float model's own
-            compared.append((head if q is None else r.head({r.head_path: q}), s_hn))
-            s.h = None
-        if compare_positions is not None:
-            targets = [t.reshape(-1)[idx] for t, idx in zip(targets, compare_positions)]
-        per = []
-        for b in range(len(self.batches)):
-            idx = None if compare_positions is None else compare_positions[b]
-            pairs = [(hd, xs[b] if idx is None else xs[b].reshape(-1, xs[b].shape[-1])[idx]) for hd, xs in compared]
-            per.append(compare_many(pairs, references[b] if idx is None else references[b].take(idx), head,
-                                    targets[b]))
-        results = {s.name: _collect([p[j] for p in per], targets) for j, s in enumerate(streams)}
+        references, labels, results = self._head_stage(streams, hn, references, sample_key, emb_q, on_rounded,
+                                                       compare_positions)
         return SweepResult(references=references, streams=results, inputs=inputs, final=final, labels=labels,
                            head_gram=head_gram, block_forwards=bf, seconds=time.perf_counter() - t0,
                            block_seconds=block_seconds)
