@@ -205,6 +205,18 @@ def test_auto_streams_a_large_model_or_a_short_machine(nemotron_moe, monkeypatch
     assert plan()["stream_weights"] is True  # would not leave ample room
 
 
+def test_side_by_side_work_is_sized_where_the_cores_run_it(nemotron_moe, monkeypatch):
+    from mixq.core import lanes
+
+    got = {}
+    for n in (1, 2):
+        monkeypatch.setattr(lanes, "LANES", n)
+        got[n] = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, **SMALL))["preflight"]
+    assert "side by side (lanes)" not in got[1]["memory"]
+    assert got[2]["memory"]["side by side (lanes)"] == lanes.LANE_BYTES
+    assert got[2]["peak_bytes"] == got[1]["peak_bytes"] + lanes.LANE_BYTES
+
+
 def test_infeasible_target_refused_before_any_pass(nemotron_moe, tmp_path):
     with pytest.raises(MixqError, match=r"infeasible.*feasible range is \d\.\d+ to \d+\.\d+ bpw"):
         convert(ConvertOptions(model=str(nemotron_moe), out=str(tmp_path / "x"), target_bpw=2.0,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from mixq.core.errors import MixqError
 from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
 from mixq.core.head import chunk_rows
+from mixq.core.lanes import LANE_BYTES, lane_count
 from mixq.quant.plan import candidate_items, fixed_bytes
 
 STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto streams
@@ -185,6 +186,8 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     }
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
         mem["router flips"] = act
+    if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
+        mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available
     if stream_weights == "on":
         streaming = True
