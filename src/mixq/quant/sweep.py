@@ -130,6 +130,30 @@ class ForwardSweep:
                 out[(p, name, id(rounding))] = q
         return out
 
+    def _embed(self, streams, starts, on_rounded) -> tuple:
+        """The float embedding output per batch, and each stream that changes the table started from its
+        rounding (measured streams keep a tied table's rounding for the head: stream name -> it)."""
+        import mlx.core as mx
+
+        r = self.runner
+        table = r.embed_table()
+        h = [r.embed(x, table) for x in self.batches]
+        mx.eval(h)
+        emb = f"{r.embed_path}.weight"
+        emb_q = {}
+        for s in streams:
+            if starts[s.name] == -1:
+                q = self._rounded(s, emb, {emb: table})
+                if on_rounded:
+                    on_rounded(s, emb, q)
+                if s.measure:
+                    s.h = [q.take(x, r.compute) for x in self.batches]
+                    mx.eval(s.h)
+                if r.tied and s.measure:   # the head reuses it; an untied table's is let go (0.4 GiB at 9B widths)
+                    emb_q[s.name] = q
+                del q
+        return h, emb_q
+
     def _head_stage(self, streams, hn, references, sample_key, emb_q, on_rounded, compare_positions):
         """The float reference (unless given) and labels from the final hidden states `hn`, each measured
         stream compared with it through its own head; an untied head rounded for the streams written only."""
@@ -200,23 +224,7 @@ class ForwardSweep:
         starts = {s.name: self._start(s) for s in streams}
         for s in streams:
             s.h = None
-        table = r.embed_table()
-        h = [r.embed(x, table) for x in self.batches]
-        mx.eval(h)
-        emb = f"{r.embed_path}.weight"
-        emb_q = {}
-        for s in streams:
-            if starts[s.name] == -1:
-                q = self._rounded(s, emb, {emb: table})
-                if on_rounded:
-                    on_rounded(s, emb, q)
-                if s.measure:
-                    s.h = [q.take(x, r.compute) for x in self.batches]
-                    mx.eval(s.h)
-                if r.tied and s.measure:   # the head reuses it; an untied table's is let go (0.4 GiB at 9B widths)
-                    emb_q[s.name] = q
-                del q
-        del table
+        h, emb_q = self._embed(streams, starts, on_rounded)
         inputs = [] if keep_inputs else None
         # the float model runs only for what needs it: the reference, labels, block inputs, streams that
         # branch off later, or Grams not kept from an earlier sweep
