@@ -323,9 +323,8 @@ def solve(w, H, Us: list, fmts: list, clip: tuple):
     kws = [dict(group_size=f.group_size, bits=f.bits, mode="affine") for f in fmts]
     worse = np.zeros((F, slices))   # per format and slice: GPTQ's output error minus round-to-nearest's
     stride = max(1, rows // CHECK_ROWS)   # ... estimated on every stride-th row of the slice
-    if isinstance(H, mx.array):   # read by the steps' threads, which cannot evaluate this thread's graphs
-        mx.eval(H)
-    mx.eval(W3, *([Hs] if Hs is not None else []))
+    # read by the steps' threads, which cannot evaluate this thread's graphs
+    mx.eval(W3, *(a for a in (H, Hs) if isinstance(a, mx.array)))
 
     def step(at):   # one step's GPTQ arrays per format, and its rows' excess error over round-to-nearest
         e0, e1, r0, r1 = at

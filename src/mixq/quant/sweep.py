@@ -154,6 +154,19 @@ class ForwardSweep:
                 del q
         return h, emb_q
 
+    def _head_rounding(self, s: Stream, emb_q: dict, on_rounded):
+        """The stream's rounded head, or None where it runs the float one: a tied table's rounding as kept
+        from the embedding (`emb_q`), otherwise rounded here and handed to `on_rounded`."""
+        r = self.runner
+        if r.head_path not in s.touched():
+            return None
+        q = emb_q.get(s.name)   # held only for a tied head
+        if q is None:
+            q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
+            if on_rounded:
+                on_rounded(s, r.head_path, q)
+        return q
+
     def _head_stage(self, streams, hn, references, sample_key, emb_q, on_rounded, compare_positions):
         """The float reference (unless given) and labels from the final hidden states `hn`, each measured
         stream compared with it through its own head; an untied head rounded for the streams written only."""
@@ -161,10 +174,8 @@ class ForwardSweep:
 
         r = self.runner
         for s in streams:
-            if r.head_path in s.touched() and not s.measure and not r.tied:   # a tied table went with the embedding
-                q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
-                if on_rounded:
-                    on_rounded(s, r.head_path, q)
+            if not s.measure and not r.tied:   # a tied table went with the embedding
+                self._head_rounding(s, emb_q, on_rounded)
         measured = [s for s in streams if s.measure]
         if references is not None and sample_key is None and not measured:
             return references, None, {}
@@ -178,13 +189,7 @@ class ForwardSweep:
             labels = None if sample_key is None else [head.sample(x, k) for x, k in zip(hn, keys)]
         compared = []
         for s in measured:
-            q = None
-            if r.head_path in s.touched():
-                q = emb_q.get(s.name)   # held only for a tied head
-                if q is None:
-                    q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
-                    if on_rounded:
-                        on_rounded(s, r.head_path, q)
+            q = self._head_rounding(s, emb_q, on_rounded)
             s_hn = [r.norm(x) for x in s.h] if s.h is not None else hn if hn is not None else \
                 [ref.hn for ref in references]  # never branched off: the float model's own
             compared.append((head if q is None else r.head({r.head_path: q}), s_hn))
