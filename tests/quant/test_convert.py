@@ -217,6 +217,16 @@ def test_side_by_side_work_is_sized_where_the_cores_run_it(nemotron_moe, monkeyp
     assert got[2]["peak_bytes"] == got[1]["peak_bytes"] + lanes.LANE_BYTES
 
 
+def test_preflight_sizes_the_distillation(nemotron_moe):
+    """--distill: the float model, the student's float32 weights and codes (9 bytes a parameter) and a
+    batch's activations and logits in the run's memory; nothing without it."""
+    plain = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, **SMALL))["preflight"]
+    got = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, distill=True, **SMALL))["preflight"]
+    assert "distillation" not in plain["memory"]
+    assert got["memory"]["distillation"] > 9 * got["params"]
+    assert got["peak_bytes"] == plain["peak_bytes"] + got["memory"]["distillation"]
+
+
 def test_infeasible_target_refused_before_any_pass(nemotron_moe, tmp_path):
     with pytest.raises(MixqError, match=r"infeasible.*feasible range is \d\.\d+ to \d+\.\d+ bpw"):
         convert(ConvertOptions(model=str(nemotron_moe), out=str(tmp_path / "x"), target_bpw=2.0,
@@ -279,11 +289,25 @@ def test_json_on_stdout_progress_with_eta_on_stderr(nemotron_dense, tmp_path):
     assert "ETA" in r.stderr and "elapsed" in r.stderr
 
 
+def _only_scales_and_biases_changed(out, plain_out, plan, changed: set) -> None:
+    """Read back with stock mlx_lm.load: every quantized module's codes as in the plain convert, its scales
+    and biases changed exactly for the tensors in `changed`."""
+    from mlx_lm import load as lm_load
+
+    a, b = lm_load(str(out))[0], lm_load(str(plain_out))[0]
+    qa, qb = dict(a.named_modules()), dict(b.named_modules())
+    for p, e in plan["tensors"].items():
+        ma, mb = qa[e["module"]], qb[e["module"]]
+        if not hasattr(ma, "scales"):
+            continue
+        assert mx.array_equal(ma.weight, mb.weight).item()
+        same = mx.array_equal(ma.scales, mb.scales).item() and mx.array_equal(ma.biases, mb.biases).item()
+        assert same == (p not in changed), p
+
+
 def test_refine_tunes_scales_and_biases_only_and_records_it(converted, nemotron_moe, tmp_path):
     """--refine: the same plan and integer codes as without it, the scales and biases of the blocks whose
     tuning lowered their loss changed (and only those), recorded in plan.json and the report; verified."""
-    from mlx_lm import load as lm_load
-
     plain_out, _ = converted
     out = tmp_path / "refined"
     report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5, refine=True, **SMALL))
@@ -298,15 +322,43 @@ def test_refine_tunes_scales_and_biases_only_and_records_it(converted, nemotron_
     assert plain["tuning"] is None
     tuned = {p for p, e in plan["tensors"].items() if e.get("tuned")}
     assert tuned
-    a, b = lm_load(str(out))[0], lm_load(str(plain_out))[0]
-    qa, qb = dict(a.named_modules()), dict(b.named_modules())
-    for p, e in plan["tensors"].items():
-        ma, mb = qa[e["module"]], qb[e["module"]]
-        if not hasattr(ma, "scales"):
-            continue
-        assert mx.array_equal(ma.weight, mb.weight).item()
-        same = mx.array_equal(ma.scales, mb.scales).item() and mx.array_equal(ma.biases, mb.biases).item()
-        assert same == (p not in tuned), p
+    _only_scales_and_biases_changed(out, plain_out, plan, tuned)
+
+
+def test_distill_patches_scales_and_biases_only_and_records_it(converted, nemotron_moe, tmp_path, monkeypatch):
+    """--distill: the plan and the integer codes of the plain convert; the written model before the
+    distillation is measured beside it on held-out text (the plain convert's KL, the same bytes); scales and
+    biases change exactly where plan.json says they were distilled; stock mlx_lm.load reads it."""
+    import functools
+
+    import mixq.quant.convert as conv
+    from mixq.quant.distill import DistillSettings, Distiller
+
+    # validated on its training windows (what the steps minimise), so an epoch is kept and the shards patched
+    run = Distiller.run
+    monkeypatch.setattr(Distiller, "run", lambda self, train, valid: run(self, train, train))
+    monkeypatch.setattr(conv, "DistillSettings", functools.partial(DistillSettings, lr=1e-3))
+    plain_out, plain_report = converted
+    out = tmp_path / "distilled"
+    report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5, distill=True,
+                                    distill_windows=4, distill_epochs=2, **SMALL))
+    assert report["verify"]["ok"]
+    plan = json.loads((out / "mixq" / "plan.json").read_text())
+    plain = json.loads((plain_out / "mixq" / "plan.json").read_text())
+    assert {p: e["format"] for p, e in plan["tensors"].items()} == {p: e["format"] for p, e in plain["tensors"].items()}
+    d = plan["distillation"]
+    assert d["method"] and d["windows"] == 4 and d["epochs"] == 2 and plain["distillation"] is None
+    assert d["kept"] and d["validation_kl_after"] < d["validation_kl_before"]
+    rows = {r["name"]: r for r in report["comparison"]}
+    assert rows["mixq (undistilled)"]["kl_mean"] == plain_report["comparison"][0]["kl_mean"]
+    assert d["heldout_kl_before"] == rows["mixq (undistilled)"]["kl_mean"] == report["distillation"]["heldout_kl_before"]
+    assert d["heldout_kl_after"] == rows["mixq"]["kl_mean"]
+    distilled = {p for p, e in plan["tensors"].items() if e.get("distilled")}
+    assert distilled == set(d["tensors"]) and distilled
+    _only_scales_and_biases_changed(out, plain_out, plan, distilled)
+    with pytest.raises(MixqError, match="distill"):
+        convert(ConvertOptions(model=str(nemotron_moe), out=str(tmp_path / "bad"), target_bpw=4.5, distill=True,
+                               distill_epochs=0, **SMALL))
 
 
 def test_a_rival_the_estimates_rule_out_is_not_measured(converted, nemotron_moe, tmp_path, monkeypatch):

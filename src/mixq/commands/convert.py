@@ -43,17 +43,23 @@ def add_arguments(p) -> None:
                    help="tune every block's scales and biases (GPTQ's codes kept) so the quantized block reproduces "
                         "the float block's outputs; off by default: held-out KL 0.95x on the demos for 1-2x more "
                         "convert time (benchmarks/refine_blockwise.py)")
+    p.add_argument("--distill", action="store_true",
+                   help="after writing, tune every scale and bias end to end on the KL from the float model (codes "
+                        "kept; windows held aside pick the epoch kept); off by default: held-out KL ~0.8x on the "
+                        "demo for many forwards (benchmarks/distill_vs_dwq.py)")
+    p.add_argument("--distill-windows", type=int, default=128, help="training windows for --distill (default 128)")
+    p.add_argument("--distill-epochs", type=int, default=4, help="epochs for --distill (default 4)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _table(report: dict) -> str:
-    lines = [f"{'quant':<14} {'bpw':>6} {'MB':>7} {'KL mean':>9} {'KL p99':>9} {'top-1':>7} {'ppl':>8}"]
+    lines = [f"{'quant':<18} {'bpw':>6} {'MB':>7} {'KL mean':>9} {'KL p99':>9} {'top-1':>7} {'ppl':>8}"]
     for r in report["comparison"]:
-        lines.append(f"{r['name']:<14} {r['bpw']:>6.3f} {r['bytes'] / 1e6:>7.2f} {r['kl_mean']:>9.5f} "
+        lines.append(f"{r['name']:<18} {r['bpw']:>6.3f} {r['bytes'] / 1e6:>7.2f} {r['kl_mean']:>9.5f} "
                      f"{r['kl_p99']:>9.5f} {r['top1']:>7.3f} {r['ppl']:>8.3f}")
-    lines.append(f"{'float':<14} {'':>6} {'':>7} {'':>9} {'':>9} {'':>7} {report['comparison'][0]['float_ppl']:>8.3f}")
+    lines.append(f"{'float':<18} {'':>6} {'':>7} {'':>9} {'':>9} {'':>7} {report['comparison'][0]['float_ppl']:>8.3f}")
     return "\n".join(lines)
 
 
@@ -63,7 +69,8 @@ def run(args) -> int:
         calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         heldout_samples=args.heldout_samples, compare=args.compare,
         rounding=args.rounding, sensitivity_method=args.sensitivity_method, dry_run=args.dry_run,
-        stream_weights=args.stream_weights, refine=args.refine,
+        stream_weights=args.stream_weights, refine=args.refine, distill=args.distill,
+        distill_windows=args.distill_windows, distill_epochs=args.distill_epochs,
         sensitivity=args.sensitivity, force=args.force, progress=not args.quiet,
         command=["mixq", "convert", *sys.argv[2:]] if sys.argv[1:2] == ["convert"] else [],
     )
@@ -95,6 +102,13 @@ def run(args) -> int:
     print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, " + (
         f"measured {measured:.5f}" if measured is not None else "not measured (no rival; held-out text below)")
           + ("  [refined: " + report["refinement"]["reason"] + "]" if report["refinement"]["applied"] else ""))
+    dist = report.get("distillation")
+    if dist:
+        print(f"distillation ({dist['method']}): validation KL {dist['validation_kl_before']:.5f} -> "
+              f"{dist['validation_kl_after']:.5f} (epoch {dist['epoch_kept']} of {dist['epochs']} kept"
+              f"{'' if dist['kept'] else ': none beat the written values'}), held-out KL "
+              f"{dist['heldout_kl_before']:.5f} -> {dist['heldout_kl_after']:.5f}, {dist['window_forwards']} "
+              f"window forwards, {dist['seconds']} s")
     skipped = report["refinement"].get("not_measured")
     if skipped:
         print("not measured against the plan (" + skipped["reason"] + "): " + ", ".join(

@@ -112,3 +112,42 @@ class ShardWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def patch(out_dir: Path, arrays: dict) -> None:
+    """Overwrite tensors already in a written model's shards, in place: each must keep its name, shape and
+    dtype (tuned scales and biases). The shards' headers are read, not rewritten."""
+    import mlx.core as mx
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    index = out_dir / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else {k: "model.safetensors" for k in arrays})
+    names = {v: k for k, (v, _) in DTYPES.items()}
+    for shard in sorted({where[k] for k in arrays}):
+        path = out_dir / shard
+        fd = os.open(path, os.O_RDWR)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, n, 8))
+            for name in (k for k in arrays if where[k] == shard):
+                if name not in header:
+                    raise MixqError(f"{name}: not in {shard}")
+                entry, array = header[name], arrays[name]
+                dtype = _dtype_name(array.dtype)
+                if names[entry["dtype"]] != dtype or list(array.shape) != entry["shape"]:
+                    raise MixqError(f"{name}: written {names[entry['dtype']]}{entry['shape']}, got "
+                                    f"{dtype}{list(array.shape)}")
+                if dtype == "bfloat16":
+                    array = array.view(mx.uint16)
+                data = np.ascontiguousarray(np.array(array)).tobytes()
+                a, b = entry["data_offsets"]
+                if len(data) != b - a:
+                    raise MixqError(f"{name}: {len(data)} bytes, written {b - a}")
+                mv, done = memoryview(data), 0
+                while done < len(data):
+                    done += os.pwrite(fd, mv[done:], 8 + n + a + done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -24,10 +24,11 @@ from mixq.core.errors import MixqError
 from mixq.core.formats import DEFAULT_CANDIDATES, Format, parse_candidates, tensor_bytes
 from mixq.core.modelio import fingerprint, load
 from mixq.core.progress import Progress
-from mixq.core.stwriter import MLX_SHARD_BYTES
+from mixq.core.stwriter import MLX_SHARD_BYTES, patch
 from mixq.quant import calibration
 from mixq.quant.apply import verify
 from mixq.quant.calibpass import Calibration, make_rounding
+from mixq.quant.distill import DistillSettings, Distiller
 from mixq.quant.evaluate import WrittenModel, evaluate
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
 from mixq.quant.preflight import format_preflight, preflight
@@ -39,6 +40,7 @@ from mixq.quant.write import PlanWriter, quantization_config
 REFINE_UNIFORM = 1  # the largest uniform format that fits the budget is measured against the plan ...
 RIVAL_MARGIN = 10.0  # ... unless the estimates predict it >= this many times the plan's KL (measured: 7x apart)
 UNTUNED = "mixq (untuned)"
+UNDISTILLED = "mixq (undistilled)"
 
 
 @dataclass
@@ -63,6 +65,9 @@ class ConvertOptions:
     batch_size: int = 8
     max_shard_bytes: int = MLX_SHARD_BYTES
     refine: bool = False    # tune each block's scales and biases against the float block (mixq.quant.tune)
+    distill: bool = False   # then tune every scale and bias end to end on the float model's KL (mixq.quant.distill)
+    distill_windows: int = 128
+    distill_epochs: int = 4
     command: list[str] = field(default_factory=list)
 
 
@@ -91,6 +96,8 @@ def _check_options(opts: ConvertOptions) -> Path:
     _baselines(opts.compare)
     if opts.heldout_samples < 1:
         raise MixqError("--heldout-samples must be >= 1")
+    if opts.distill and (opts.distill_windows < 1 or opts.distill_epochs < 1):
+        raise MixqError("--distill-windows and --distill-epochs must be >= 1")
     out = Path(opts.out or f"{Path(str(opts.model)).name}-mixq-{opts.target_bpw:g}bpw").expanduser()
     if out.exists() and not opts.force and not opts.dry_run:
         raise MixqError(f"{out} already exists (use --force to replace it)")
@@ -141,7 +148,7 @@ def convert(opts: ConvertOptions) -> dict:
     emb = next(t for t in anatomy.tensors if t.module_type == "Embedding")
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
                    batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
-                   stream_weights=opts.stream_weights)
+                   stream_weights=opts.stream_weights, distill=opts.distill)
     if opts.dry_run:
         return {"dry_run": True, "target_bpw": opts.target_bpw, "preflight": pf.to_dict(),
                 "text": format_preflight(pf, opts.target_bpw)}
@@ -184,11 +191,19 @@ def convert(opts: ConvertOptions) -> dict:
         timings: dict = {}  # stage -> seconds per block
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
                                                      candidates, tmp, prog, timings, cal.references)
+        distillation, undistilled = _distill(opts, lm, docs, tmp, prog) if opts.distill else (None, None)
         plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement)
+        plan_doc["distillation"] = distillation
+        if distillation and distillation["kept"]:
+            for p in distillation["tensors"]:
+                plan_doc["tensors"][p]["distilled"] = True   # scales and biases tuned end to end
         _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
         check = verify(tmp, plan_doc)
-        rows, held = _heldout(opts, lm, anatomy, runner, plan_doc, tmp, prog, timings)
+        rows, held = _heldout(opts, lm, anatomy, runner, plan_doc, tmp, prog, timings, undistilled)
+        if distillation is not None:
+            before = next(r for r in rows if r["name"] == UNDISTILLED)
+            distillation["heldout_kl_before"], distillation["heldout_kl_after"] = before["kl_mean"], rows[0]["kl_mean"]
         plan_doc["measured_heldout"] = {k: rows[0][k] for k in ("kl_mean", "kl_p99", "top1", "ppl", "float_ppl")}
         plan_doc["heldout"] = held.to_dict()
         _dump(plan_doc, tmp / "mixq" / "plan.json")
@@ -202,6 +217,8 @@ def convert(opts: ConvertOptions) -> dict:
             "comparison": rows, "verify": check, "sensitivity_method": sens["method"],
             "sensitivity_cost": sens["cost"], "calibration_fit": sens.get("calibration"),
             "refinement": refinement, "allocation": plan_doc["allocation"], "tuning": _tuning_summary(plan_doc),
+            "distillation": None if distillation is None else {
+                k: v for k, v in distillation.items() if k not in ("tensors", "epochs_run")},
             "preflight": {
                 k: v for k, v in pf.to_dict().items() if k != "tensors"},
             "rounding": {**rounding.settings(), "tensors": {k: sum(1 for e in plan_doc["tensors"].values()
@@ -353,13 +370,38 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
     return plan
 
 
-def _heldout(opts, lm, anatomy, runner, plan, tmp, prog, timings):
-    """Held-out text: the written model (read from its files) against mlx-lm's uniform and mixed quants."""
+def _distill(opts, lm, docs, tmp, prog) -> tuple[dict, dict]:
+    """End-to-end distillation of the written model's scales and biases (patched into its shards when an
+    epoch beats the written values on the validation windows). Returns the record and the arrays before."""
+    written = WrittenModel(tmp)
+    before = {p: written[p] for p in written.keys()}
+    st = DistillSettings(windows=opts.distill_windows, epochs=opts.distill_epochs, seed=opts.seed)
+    # windows of their own (another seed): the validation ones are never trained on
+    win = calibration.make_windows(docs, lm.tokenizer, n_samples=st.windows + st.validation, seq_len=opts.seq_len,
+                                   seed=opts.seed + 1)
+    teacher = load(opts.model).model   # float32, in memory
+    prog.start("distillation")
+    tuned, record = Distiller(teacher, before, st, progress=prog).run(win.tokens[st.validation:],
+                                                                      win.tokens[:st.validation])
+    prog.end()
+    del teacher
+    if record["kept"]:
+        patch(tmp, {f"{p.rsplit('.', 1)[0]}.{n}": getattr(tuned[p], n) for p in record["tensors"]
+                    for n in ("scales", "biases")})
+    return record, before
+
+
+def _heldout(opts, lm, anatomy, runner, plan, tmp, prog, timings, undistilled=None):
+    """Held-out text: the written model (read from its files) against mlx-lm's uniform and mixed quants
+    (and, when distilled, the written model before its distillation)."""
     held = calibration.heldout_windows(lm.tokenizer, n_samples=opts.heldout_samples, seq_len=opts.seq_len)
     params = anatomy.mlx_lm_params
     written = WrittenModel(tmp)
     streams = [Stream("mixq", {}, quantized=written)]
     rows = [{"name": "mixq", "bpw": plan["achieved_bpw"], "bytes": plan["total_bytes"]}]
+    if undistilled is not None:
+        streams.append(Stream(UNDISTILLED, {}, quantized=undistilled))
+        rows.append({**rows[0], "name": UNDISTILLED})
     for b in _baselines(opts.compare):
         if b.startswith("mixed_"):
             fmts, fell = recipe_formats(anatomy, lm.model, b), []

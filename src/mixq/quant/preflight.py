@@ -15,8 +15,10 @@ from mixq.core.errors import MixqError
 from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
 from mixq.core.head import chunk_rows
 from mixq.core.lanes import LANE_BYTES, lane_count
+from mixq.quant.distill import LOGITS_BYTES, DistillSettings, batch_size as distill_batch
 from mixq.quant.plan import candidate_items, fixed_bytes
 
+ACTIVATIONS_PER_BLOCK = 24   # hidden-wide float32 arrays a block keeps per token for a backward (MLP 4x wide)
 STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto streams
 PROCESS_BASE = 600 << 20     # python, mlx, tokenizer, code (measured RSS before any weight: ~0.5 GB)
 GPTQ_CHUNK = 256 << 20       # row-chunk working set of one GPTQ call (mixq.quant.gptq)
@@ -149,9 +151,9 @@ def _rounding_bytes(anatomy, candidates) -> int:
 
 def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
               batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4,
-              stream_weights: str = "auto", available: int | None = -1) -> Preflight:
+              stream_weights: str = "auto", available: int | None = -1, distill: bool = False) -> Preflight:
     """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `top_k`: routed experts
-    per token (their input rows are kept for a block)."""
+    per token (their input rows are kept for a block); `distill`: the end-to-end stage (mixq.quant.distill)."""
     params = anatomy.mlx_lm_params
     fixed = fixed_bytes(anatomy, source_dtypes)
     tensors, lo, hi = [], fixed, fixed
@@ -186,6 +188,10 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     }
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
         mem["router flips"] = act
+    if distill:   # the float model, the student's float32 weights and codes; a batch's activations and logits
+        b_tokens = distill_batch(DistillSettings(), seq_len, vocab) * seq_len
+        mem["distillation"] = 9 * params + ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden * n_blocks + min(
+            LOGITS_BYTES, 16 * b_tokens * vocab)
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available

@@ -17,7 +17,7 @@ as a ratio to GPTQ alone): demo 1.003 (32 steps, lr 2e-3) though its calibration
 windows the stream's inputs are fitted, not the model; with 64 windows 0.975. demo-moe 0.952. Tuning on the
 float model's inputs instead generalises no better (0.98-0.99). In the default convert (`--refine`): demo
 0.952x, demo-moe 0.946x held-out KL, for 1-2x more convert time. Far from the 30 % the DWQ literature
-reports with millions of tokens; an end-to-end stage on more data is the next step.
+reports with millions of tokens; the end-to-end stage is `--distill` (mixq.quant.distill).
 """
 
 from __future__ import annotations

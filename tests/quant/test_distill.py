@@ -1,0 +1,100 @@
+"""End-to-end distillation of scales and biases (`mixq.quant.distill`): codes kept, source dtype, the epoch
+kept is the one the validation windows pick (none: the written values), deterministic; shards patched in
+place."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mixq.core.anatomy import describe
+from mixq.core.errors import MixqError
+from mixq.core.formats import Format
+from mixq.core.modelio import load
+from mixq.core.stwriter import ShardWriter, patch
+from mixq.quant.distill import DistillSettings, Distiller, batch_size
+from mixq.quant.plan import uniform_formats
+from mixq.quant.qweight import round_weight
+
+
+def _quantized(path):
+    lm = load(path, compute_dtype=None)
+    a = describe(lm.model, lm.config)
+    fmts = uniform_formats(a, Format.parse("4:64"))[0]
+    params = dict(__import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(lm.model.parameters()))
+    return {p: round_weight(None, p, params[p], f) for p, f in fmts.items() if f.is_quantized}
+
+
+def _tokens(n, seed):
+    return np.random.default_rng(seed).integers(1, 500, size=(n, 32)).astype(np.int32)
+
+
+def _run(path, settings, q=None, same=False):
+    """`same`: validate on the training windows (what the steps minimise, so an epoch must beat the start)."""
+    q = q or _quantized(path)
+    teacher = load(path).model
+    train = _tokens(settings.windows, 0)
+    valid = train[:settings.validation] if same else _tokens(settings.validation, 1)
+    return Distiller(teacher, q, settings).run(train, valid), q
+
+
+def test_distillation_keeps_codes_and_source_dtype_and_lowers_validation_kl(nemotron_moe):
+    st = DistillSettings(windows=4, validation=4, epochs=2, lr=1e-3, batch=2)
+    (out, rec), q = _run(nemotron_moe, st, same=True)
+    assert rec["kept"] and rec["validation_kl_after"] < rec["validation_kl_before"]
+    assert rec["epoch_kept"] in (1, 2) and len(rec["epochs_run"]) == 2 and rec["steps"] == 4
+    assert any("switch_mlp" in p for p in rec["tensors"])   # fused experts are tuned too
+    changed = 0
+    for p in rec["tensors"]:
+        assert out[p].wq is q[p].wq   # the codes as written
+        assert out[p].scales.dtype == q[p].scales.dtype and out[p].biases.dtype == q[p].biases.dtype
+        changed += not mx.array_equal(out[p].scales, q[p].scales).item()
+    assert changed
+    assert rec["window_forwards"] == 4 * 4 * 2 + 2 * 4 * 3
+
+
+def test_no_epoch_better_keeps_the_written_values(nemotron_moe):
+    (out, rec), q = _run(nemotron_moe, DistillSettings(windows=2, validation=2, epochs=1, lr=0.0, batch=2))
+    assert not rec["kept"] and rec["epoch_kept"] == 0
+    assert rec["validation_kl_after"] == rec["validation_kl_before"]
+    assert all(out[p] is q[p] for p in q)
+
+
+def test_distillation_is_deterministic(nemotron_moe):
+    st = DistillSettings(windows=4, validation=2, epochs=1, lr=1e-2, batch=2, seed=3)
+    q = _quantized(nemotron_moe)
+    (a, ra), _ = _run(nemotron_moe, st, q)
+    (b, rb), _ = _run(nemotron_moe, st, q)
+    assert ra["epochs_run"] == rb["epochs_run"]
+    for p in ra["tensors"]:
+        assert mx.array_equal(a[p].scales, b[p].scales).item() and mx.array_equal(a[p].biases, b[p].biases).item()
+
+
+def test_batch_bounded_by_logits_bytes():
+    st = DistillSettings(batch=8)
+    assert batch_size(st, 256, 6144) == 8
+    assert batch_size(st, 512, 131072) == 1
+    with pytest.raises(ValueError):
+        DistillSettings(windows=0)
+
+
+def test_patch_overwrites_in_place_and_refuses_another_layout(tmp_path):
+    layout = [("a.scales", (2, 3), "bfloat16"), ("a.weight", (2, 4), "uint32"), ("b", (5,), "float32")]
+    w = ShardWriter(tmp_path, layout, max_shard_bytes=40)
+    arrays = {"a.scales": mx.ones((2, 3), dtype=mx.bfloat16), "a.weight": mx.zeros((2, 4), dtype=mx.uint32),
+              "b": mx.arange(5, dtype=mx.float32)}
+    for k, v in arrays.items():
+        w.put(k, v)
+    w.close()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    new = mx.array([[1.5, 2.5, -3.0], [0.25, 4.0, 8.0]], dtype=mx.bfloat16)
+    patch(tmp_path, {"a.scales": new})
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    got = {k: mx.load(str(tmp_path / f))[k] for k, f in index.items()}
+    assert mx.array_equal(got["a.scales"], new).item()
+    assert mx.array_equal(got["b"], arrays["b"]).item() and mx.array_equal(got["a.weight"], arrays["a.weight"]).item()
+    with pytest.raises(MixqError, match="a.scales"):
+        patch(tmp_path, {"a.scales": mx.ones((2, 3), dtype=mx.float32)})
+    with pytest.raises(MixqError, match="b"):
+        patch(tmp_path, {"b": mx.ones((4,), dtype=mx.float32)})
