@@ -105,8 +105,8 @@ def run(args) -> int:
     dist = report.get("distillation")
     if dist:
         print(f"distillation ({dist['method']}): validation KL {dist['validation_kl_before']:.5f} -> "
-              f"{dist['validation_kl_after']:.5f} (epoch {dist['epoch_kept']} of {dist['epochs']} kept"
-              f"{'' if dist['kept'] else ': none beat the written values'}), held-out KL "
+              f"{dist['validation_kl_after']:.5f} (" + (f"epoch {dist['epoch_kept']} of {dist['epochs']} kept"
+              if dist["kept"] else f"none of {dist['epochs']} epochs beat the written values: kept") + "), held-out KL "
               f"{dist['heldout_kl_before']:.5f} -> {dist['heldout_kl_after']:.5f}, {dist['window_forwards']} "
               f"window forwards, {dist['seconds']} s")
     skipped = report["refinement"].get("not_measured")

@@ -192,11 +192,7 @@ def convert(opts: ConvertOptions) -> dict:
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
                                                      candidates, tmp, prog, timings, cal.references)
         distillation, undistilled = _distill(opts, lm, docs, tmp, prog) if opts.distill else (None, None)
-        plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement)
-        plan_doc["distillation"] = distillation
-        if distillation and distillation["kept"]:
-            for p in distillation["tensors"]:
-                plan_doc["tensors"][p]["distilled"] = True   # scales and biases tuned end to end
+        plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation)
         _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
         check = verify(tmp, plan_doc)
@@ -347,13 +343,16 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
     return mixq_calib, refinement
 
 
-def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement) -> dict:
+def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation) -> dict:
     mixq_calib = mixq_calib or {}
     tuned = {p for b in (mixq_calib.get("tuning") or {}).get("blocks", []) if b["kept"] for p in b["tensors"]}
+    distilled = set(distillation["tensors"]) if distillation and distillation["kept"] else set()
     for path, e in plan["tensors"].items():
         e["rounding"] = rounding.name_for(path, Format.parse(e["format"]))
         if path in tuned:
             e["tuned"] = True   # scales and biases tuned against the float block (mixq.quant.tune)
+        if path in distilled:
+            e["distilled"] = True   # scales and biases tuned end to end (mixq.quant.distill)
     plan.update({
         "rounding": rounding.settings(),
         "model": {"name": str(opts.model), "fingerprint": key["model"], "model_type": anatomy.model_type,
@@ -364,6 +363,7 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
         "measured_kl_calibration": mixq_calib.get("kl_mean"),   # None: measured on held-out text only
         "refinement": refinement,
         "tuning": mixq_calib.get("tuning"),
+        "distillation": distillation,
         "versions": _versions(),
         "command": opts.command,
     })
@@ -373,8 +373,11 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
 def _distill(opts, lm, docs, tmp, prog) -> tuple[dict, dict]:
     """End-to-end distillation of the written model's scales and biases (patched into its shards when an
     epoch beats the written values on the validation windows). Returns the record and the arrays before."""
+    import mlx.core as mx
+
     written = WrittenModel(tmp)
     before = {p: written[p] for p in written.keys()}
+    mx.eval([list(q.arrays().values()) for q in before.values()])   # read now: the shards are patched in place
     st = DistillSettings(windows=opts.distill_windows, epochs=opts.distill_epochs, seed=opts.seed)
     # windows of their own (another seed): the validation ones are never trained on
     win = calibration.make_windows(docs, lm.tokenizer, n_samples=st.windows + st.validation, seq_len=opts.seq_len,
