@@ -96,6 +96,17 @@ def test_cli_refusals_leave_nothing(nemotron_moe, converted, tmp_path):
     assert r.returncode == 2 and "different settings" in r.stderr and not (tmp_path / "y").exists()
     r = _cli(str(nemotron_moe), "-o", str(tmp_path / "z"), "--candidates", "7:64", *small)
     assert r.returncode == 2 and "bits" in r.stderr
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "d"), "--distill", "--distill-epochs", "0", *small)
+    assert r.returncode == 2 and "--distill-epochs" in r.stderr and not (tmp_path / "d").exists()
+
+
+def test_cli_distill_prints_its_line_and_the_undistilled_row(nemotron_moe, tmp_path):
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "d"), "--samples", "4", "--seq-len", "32", "--heldout-samples",
+             "2", "--distill", "--distill-windows", "2", "--distill-epochs", "1", "--compare", "none", "--quiet")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("distillation ("))
+    assert "validation KL" in line and "held-out KL" in line and "window forwards" in line
+    assert any(x.startswith("mixq (undistilled)") for x in r.stdout.splitlines())
 
 
 def test_nan_weights_refused(nemotron_dense, tmp_path):
