@@ -72,9 +72,6 @@ class ShardWriter:
         self.written: set = set()
 
     def put(self, name: str, array) -> None:
-        import mlx.core as mx
-        import numpy as np
-
         if name not in self.where:
             raise MixqError(f"{name}: not in the planned layout")
         if name in self.written:
@@ -82,14 +79,7 @@ class ShardWriter:
         si, offset, nbytes, shape, dtype = self.where[name]
         if tuple(array.shape) != shape or _dtype_name(array.dtype) != dtype:
             raise MixqError(f"{name}: planned {dtype}{list(shape)}, got {_dtype_name(array.dtype)}{list(array.shape)}")
-        if dtype in ("bfloat16",):
-            array = array.view(mx.uint16)  # numpy has no bfloat16: the same bytes
-        data = np.ascontiguousarray(np.array(array)).tobytes()
-        if len(data) != nbytes:
-            raise MixqError(f"{name}: {len(data)} bytes, planned {nbytes}")
-        mv, done = memoryview(data), 0
-        while done < nbytes:
-            done += os.pwrite(self._fds[si], mv[done:], offset + done)
+        _write_at(self._fds[si], offset, name, array, nbytes)
         self.written.add(name)
 
     def close(self) -> dict:
@@ -114,12 +104,24 @@ class ShardWriter:
         self._fds = []
 
 
-def patch(out_dir: Path, arrays: dict) -> None:
-    """Overwrite tensors already in a written model's shards, in place: each must keep its name, shape and
-    dtype (tuned scales and biases). The shards' headers are read, not rewritten."""
+def _write_at(fd: int, offset: int, name: str, array, nbytes: int) -> None:
+    """`array`'s bytes at `offset` of the open file `fd`; they must be `nbytes` long."""
     import mlx.core as mx
     import numpy as np
 
+    if _dtype_name(array.dtype) == "bfloat16":
+        array = array.view(mx.uint16)  # numpy has no bfloat16: the same bytes
+    data = np.ascontiguousarray(np.array(array)).tobytes()
+    if len(data) != nbytes:
+        raise MixqError(f"{name}: {len(data)} bytes, planned {nbytes}")
+    mv, done = memoryview(data), 0
+    while done < nbytes:
+        done += os.pwrite(fd, mv[done:], offset + done)
+
+
+def patch(out_dir: Path, arrays: dict) -> None:
+    """Overwrite tensors already in a written model's shards, in place: each must keep its name, shape and
+    dtype (tuned scales and biases). The shards' headers are read, not rewritten."""
     out_dir = Path(out_dir)
     index = out_dir / "model.safetensors.index.json"
     where = (json.loads(index.read_text())["weight_map"] if index.is_file()
@@ -139,15 +141,8 @@ def patch(out_dir: Path, arrays: dict) -> None:
                 if names[entry["dtype"]] != dtype or list(array.shape) != entry["shape"]:
                     raise MixqError(f"{name}: written {names[entry['dtype']]}{entry['shape']}, got "
                                     f"{dtype}{list(array.shape)}")
-                if dtype == "bfloat16":
-                    array = array.view(mx.uint16)
-                data = np.ascontiguousarray(np.array(array)).tobytes()
                 a, b = entry["data_offsets"]
-                if len(data) != b - a:
-                    raise MixqError(f"{name}: {len(data)} bytes, written {b - a}")
-                mv, done = memoryview(data), 0
-                while done < len(data):
-                    done += os.pwrite(fd, mv[done:], 8 + n + a + done)
+                _write_at(fd, 8 + n + a, name, array, b - a)
             os.fsync(fd)
         finally:
             os.close(fd)

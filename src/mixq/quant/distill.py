@@ -26,7 +26,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 
-from mixq.quant.qweight import QuantizedWeight
+from mixq.quant.scalebias import ScaleBias, tunable
 
 DISTILL_VERSION = "distill-scale-bias-v1"
 LOGITS_BYTES = 1 << 30   # float32 logits (and their softmax temporaries) of one batch, both models
@@ -55,23 +55,6 @@ def batch_size(settings: DistillSettings, seq_len: int, vocab: int) -> int:
     return max(1, min(settings.batch, LOGITS_BYTES // max(1, 4 * 4 * seq_len * vocab)))
 
 
-def _codes(q: QuantizedWeight):
-    import mlx.core as mx
-
-    ones = mx.ones(q.scales.shape, dtype=mx.float32)
-    c = mx.dequantize(q.wq, ones, mx.zeros(q.scales.shape, dtype=mx.float32), dtype=mx.float32,
-                      **q.fmt.quant_kwargs())
-    return c.astype(mx.uint8)
-
-
-def _dequant(codes, s, b, group: int):
-    lead = codes.shape[:-1]
-    import mlx.core as mx
-
-    g = codes.astype(mx.float32).reshape(*lead, -1, group)
-    return (g * s[..., None] + b[..., None]).reshape(*lead, -1)
-
-
 def kl_rows(zt, zs):
     """Per position KL(softmax zt || softmax zs), float32."""
     import mlx.core as mx
@@ -97,33 +80,18 @@ class Distiller:
         self.student = copy.deepcopy(self.teacher)
         self.teacher.freeze()
         self.student.freeze()
-        self.tuned = {p: q for p, q in self.quantized.items() if q.fmt.mode == "affine" and q.biases is not None}
+        self.tuned = tunable(self.quantized)
         fixed = [(p, q.full(mx.float32)) for p, q in self.quantized.items() if p not in self.tuned]
         if fixed:   # microscaled formats: run as written, not tuned
             self.student.update(tree_unflatten(fixed))
-        self.codes = {p: _codes(q) for p, q in self.tuned.items()}
-        self.s0 = {p: q.scales.astype(mx.float32) for p, q in self.tuned.items()}
-        self.b0 = {p: q.biases.astype(mx.float32) for p, q in self.tuned.items()}
-        mx.eval(self.codes, self.s0, self.b0, [a for _, a in fixed])
-
-    def _values(self, params, cast: bool) -> dict:
-        import mlx.core as mx
-
-        out = {}
-        for p, q in self.tuned.items():
-            s = self.s0[p] * (1.0 + params[p]["a"])
-            b = self.b0[p] + params[p]["c"] * self.s0[p]
-            if cast:   # as the source dtype stores them
-                s, b = s.astype(q.scales.dtype).astype(mx.float32), b.astype(q.biases.dtype).astype(mx.float32)
-            out[p] = (s, b)
-        return out
+            mx.eval([a for _, a in fixed])
+        self.sb = ScaleBias(self.tuned)
 
     def _set(self, params, cast: bool) -> None:
+        import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        vals = self._values(params, cast)
-        self.student.update(tree_unflatten([(p, _dequant(self.codes[p], *vals[p], q.fmt.group_size))
-                                            for p, q in self.tuned.items()]))
+        self.student.update(tree_unflatten(self.sb.weights(params, cast, mx.float32)))
 
     def _kl(self, params, tokens, bs: int) -> float:
         import mlx.core as mx
@@ -149,7 +117,7 @@ class Distiller:
         train, valid = mx.array(np.asarray(train)), mx.array(np.asarray(valid))
         vocab = int(self.teacher(valid[:1, :2]).shape[-1])
         bs = batch_size(st, int(train.shape[1]), vocab)
-        params = {p: {"a": mx.zeros(self.s0[p].shape), "c": mx.zeros(self.b0[p].shape)} for p in self.tuned}
+        params = self.sb.zeros()
         batches = [(i, min(i + bs, train.shape[0])) for i in range(0, train.shape[0], bs)]
         steps = st.epochs * len(batches)
         warm = max(1, steps // 10)
@@ -184,13 +152,7 @@ class Distiller:
             if val < best:
                 best, best_params, best_epoch = val, {p: dict(d) for p, d in params.items()}, e + 1
         kept = best_params is not None
-        out = dict(self.quantized)
-        if kept:
-            for p, (s, b) in self._values(best_params, cast=True).items():
-                q = self.tuned[p]
-                out[p] = QuantizedWeight(fmt=q.fmt, wq=q.wq, scales=s.astype(q.scales.dtype),
-                                         biases=b.astype(q.biases.dtype), cols=q.cols)
-                mx.eval(out[p].scales, out[p].biases)
+        out = {**self.quantized, **(self.sb.quantized(best_params) if kept else {})}
         n_train, n_valid = int(train.shape[0]), int(valid.shape[0])
         record = {
             **st.to_dict(), "batch": bs, "tensors": sorted(self.tuned), "steps": steps,

@@ -25,7 +25,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from mixq.quant.qweight import QuantizedWeight
+from mixq.quant.scalebias import ScaleBias
+from mixq.quant.scalebias import tunable as affine
 
 TUNE_VERSION = "blockwise-scale-bias-v1"
 
@@ -63,7 +64,7 @@ class BlockTuner:
 
     def __call__(self, i: int, qs: dict, xs: list, ys: list, xf: list | None = None) -> dict:
         t0 = time.perf_counter()
-        tunable = {p: q for p, q in qs.items() if q.fmt.mode == "affine" and q.biases is not None}
+        tunable = affine(qs)
         if not tunable or not xs:
             return qs
         if self.settings.inputs == "float" and xf is not None:
@@ -72,26 +73,6 @@ class BlockTuner:
         rec.update(block=i, seconds=round(time.perf_counter() - t0, 3), tensors=sorted(tunable))
         self.blocks.append(rec)
         return out
-
-
-def _codes(q: QuantizedWeight):
-    """The integer codes of an affine weight (uint8, the weight's shape)."""
-    import mlx.core as mx
-
-    kw = q.fmt.quant_kwargs()
-    c = mx.dequantize(q.wq, mx.ones(q.scales.shape, dtype=mx.float32), mx.zeros(q.scales.shape, dtype=mx.float32),
-                      dtype=mx.float32, **kw)
-    c = c.astype(mx.uint8)
-    mx.eval(c)
-    return c
-
-
-def _weight(codes, s, b, group: int, dtype):
-    import mlx.core as mx
-
-    lead = codes.shape[:-1]
-    g = codes.astype(mx.float32).reshape(*lead, -1, group)
-    return (g * s[..., None] + b[..., None]).reshape(*lead, -1).astype(dtype)
 
 
 def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st: TuneSettings):
@@ -103,27 +84,11 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
     prefix = runner.layer_prefix(i)
     layer = runner.layers[i]
     compute = runner.compute or mx.float32
-    codes = {p: _codes(q) for p, q in tunable.items()}
-    s0 = {p: q.scales.astype(mx.float32) for p, q in tunable.items()}
-    b0 = {p: q.biases.astype(mx.float32) for p, q in tunable.items()}
-    dt = {p: q.scales.dtype for p, q in tunable.items()}
-
-    def values(params, cast: bool):
-        """Tuned (scale, bias) per tensor: s0 (1 + a), b0 + c s0; `cast`: as the source dtype stores them."""
-        out = {}
-        for p in tunable:
-            s = s0[p] * (1.0 + params[p]["a"])
-            b = b0[p] + params[p]["c"] * s0[p]
-            if cast:
-                s, b = s.astype(dt[p]).astype(mx.float32), b.astype(dt[p]).astype(mx.float32)
-            out[p] = (s, b)
-        return out
+    sb = ScaleBias(tunable)
 
     def set_weights(params, cast: bool):
         """The tunable tensors' weights from the codes and (scale, bias); the others stay as swapped in."""
-        vals = values(params, cast)
-        layer.update(tree_unflatten([(p[len(prefix):], _weight(codes[p], *vals[p], tunable[p].fmt.group_size, compute))
-                                     for p in tunable]))
+        layer.update(tree_unflatten([(p[len(prefix):], w) for p, w in sb.weights(params, cast, compute)]))
 
     def mse(x, y):
         d = runner.block(i, x).astype(mx.float32) - y.astype(mx.float32)
@@ -137,7 +102,7 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
         set_weights(params, cast=True)
         return sum(float(mse(x, y).item()) * x.shape[0] for x, y in zip(xs, ys)) / sum(x.shape[0] for x in xs)
 
-    params = {p: {"a": mx.zeros(s0[p].shape), "c": mx.zeros(b0[p].shape)} for p in tunable}
+    params = sb.zeros()
     # the block's own parameters are put back on exit, whatever the steps wrote into it
     with runner.swap(i, {p: q.full(compute) for p, q in qs.items()}):
         before = total(params)
@@ -155,10 +120,4 @@ def _tune_block(runner, i: int, qs: dict, tunable: dict, xs: list, ys: list, st:
            "block_forwards": 3 * st.steps + 2 * len(xs)}
     if not after < before:
         return qs, rec
-    vals = values(params, cast=True)
-    out = dict(qs)
-    for p, q in tunable.items():
-        s, b = vals[p]
-        out[p] = QuantizedWeight(fmt=q.fmt, wq=q.wq, scales=s.astype(dt[p]), biases=b.astype(dt[p]), cols=q.cols)
-        mx.eval(out[p].scales, out[p].biases)
-    return out, rec
+    return {**qs, **sb.quantized(params)}, rec

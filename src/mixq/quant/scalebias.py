@@ -1,0 +1,82 @@
+"""Affine tensors' scales and biases as trainable parameters, the integer codes fixed: what block-wise tuning
+(`mixq.quant.tune`) and end-to-end distillation (`mixq.quant.distill`) both optimise.
+
+Each group's scale and bias are relative to the written ones, s0 (1 + a) and b0 + c s0 (a = c = 0 at the
+start), so one learning rate fits groups of any magnitude. With `cast`, values pass through the source dtype
+first: what is measured is what `mlx_lm.load` will read.
+"""
+
+from __future__ import annotations
+
+from mixq.quant.qweight import QuantizedWeight
+
+
+def tunable(qs: dict) -> dict:
+    """The affine tensors among path -> QuantizedWeight (microscaled formats have no bias to tune)."""
+    return {p: q for p, q in qs.items() if q.fmt.mode == "affine" and q.biases is not None}
+
+
+def codes_of(q: QuantizedWeight):
+    """The integer codes of an affine weight (uint8, the weight's shape)."""
+    import mlx.core as mx
+
+    ones = mx.ones(q.scales.shape, dtype=mx.float32)
+    c = mx.dequantize(q.wq, ones, mx.zeros(q.scales.shape, dtype=mx.float32), dtype=mx.float32,
+                      **q.fmt.quant_kwargs())
+    return c.astype(mx.uint8)
+
+
+class ScaleBias:
+    """`qs`: path -> QuantizedWeight (affine with biases: `tunable`). Holds their codes and starting values."""
+
+    def __init__(self, qs: dict):
+        import mlx.core as mx
+
+        self.qs = qs
+        self.codes = {p: codes_of(q) for p, q in qs.items()}
+        self.s0 = {p: q.scales.astype(mx.float32) for p, q in qs.items()}
+        self.b0 = {p: q.biases.astype(mx.float32) for p, q in qs.items()}
+        mx.eval(self.codes, self.s0, self.b0)
+
+    def zeros(self) -> dict:
+        """The starting parameters (the written values): path -> {"a", "c"}."""
+        import mlx.core as mx
+
+        return {p: {"a": mx.zeros(self.s0[p].shape), "c": mx.zeros(self.b0[p].shape)} for p in self.qs}
+
+    def values(self, params, cast: bool) -> dict:
+        """path -> (scale, bias) in float32; `cast`: as the source dtype stores them."""
+        import mlx.core as mx
+
+        out = {}
+        for p, q in self.qs.items():
+            s = self.s0[p] * (1.0 + params[p]["a"])
+            b = self.b0[p] + params[p]["c"] * self.s0[p]
+            if cast:
+                s, b = s.astype(q.scales.dtype).astype(mx.float32), b.astype(q.biases.dtype).astype(mx.float32)
+            out[p] = (s, b)
+        return out
+
+    def weights(self, params, cast: bool, dtype) -> list:
+        """(path, weight in `dtype`) from the codes and the parameters' (scale, bias)."""
+        import mlx.core as mx
+
+        out = []
+        for p, (s, b) in self.values(params, cast).items():
+            codes, group = self.codes[p], self.qs[p].fmt.group_size
+            lead = codes.shape[:-1]
+            g = codes.astype(mx.float32).reshape(*lead, -1, group)
+            out.append((p, (g * s[..., None] + b[..., None]).reshape(*lead, -1).astype(dtype)))
+        return out
+
+    def quantized(self, params) -> dict:
+        """path -> QuantizedWeight: the written codes with the parameters' values in the source dtype."""
+        import mlx.core as mx
+
+        out = {}
+        for p, (s, b) in self.values(params, cast=True).items():
+            q = self.qs[p]
+            out[p] = QuantizedWeight(fmt=q.fmt, wq=q.wq, scales=s.astype(q.scales.dtype),
+                                     biases=b.astype(q.biases.dtype), cols=q.cols)
+            mx.eval(out[p].scales, out[p].biases)
+        return out
