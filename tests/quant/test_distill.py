@@ -13,7 +13,7 @@ from mixq.core.errors import MixqError
 from mixq.core.formats import Format
 from mixq.core.modelio import load
 from mixq.core.stwriter import ShardWriter, patch
-from mixq.quant.distill import DistillSettings, Distiller, batch_size
+from mixq.quant.distill import DistillSettings, Distiller, batch_size, targets, topk_kl
 from mixq.quant.plan import uniform_formats
 from mixq.quant.qweight import round_weight
 
@@ -40,7 +40,7 @@ def _run(path, settings, q=None, same=False):
 
 
 def test_distillation_keeps_codes_and_source_dtype_and_lowers_validation_kl(nemotron_moe):
-    st = DistillSettings(windows=4, validation=4, epochs=2, lr=1e-3, batch=2)
+    st = DistillSettings(windows=4, validation=4, epochs=2, lr=1e-3, batch=2, top_k=16)   # below the vocabulary
     (out, rec), q = _run(nemotron_moe, st, same=True)
     assert rec["kept"] and rec["validation_kl_after"] < rec["validation_kl_before"]
     assert rec["epoch_kept"] in (1, 2) and len(rec["epochs_run"]) == 2 and rec["steps"] == 4
@@ -51,7 +51,9 @@ def test_distillation_keeps_codes_and_source_dtype_and_lowers_validation_kl(nemo
         assert out[p].scales.dtype == q[p].scales.dtype and out[p].biases.dtype == q[p].biases.dtype
         changed += not mx.array_equal(out[p].scales, q[p].scales).item()
     assert changed
-    assert rec["window_forwards"] == 4 * 4 * 2 + 2 * 4 * 3
+    # the float model once per window; per training window and epoch a forward and a backward; validation
+    assert rec["window_forwards"] == (4 + 4) + 3 * 4 * 2 + 4 * 3 and rec["top_k"] == 16
+    assert 0 < rec["target_mass"] < 1
 
 
 def test_no_epoch_better_keeps_the_written_values(nemotron_moe):
@@ -71,12 +73,44 @@ def test_distillation_is_deterministic(nemotron_moe):
         assert mx.array_equal(a[p].scales, b[p].scales).item() and mx.array_equal(a[p].biases, b[p].biases).item()
 
 
+def _full_kl(zt, zs):
+    lp = zt - mx.logsumexp(zt, axis=-1, keepdims=True)
+    lq = zs - mx.logsumexp(zs, axis=-1, keepdims=True)
+    return (mx.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
+def test_topk_kl_is_the_full_kl_with_the_whole_vocabulary_and_a_lower_bound_below_it():
+    rng = np.random.default_rng(0)
+    zt, zs = (mx.array(rng.normal(size=(2, 5, 40)).astype(np.float32) * 3) for _ in range(2))
+    full = _full_kl(zt, zs)
+
+    class Fixed:   # a "model" whose logits for window i (its tokens all i) are zt[i]
+        def __call__(self, x):
+            return zt[x[:, 0]]
+
+    tokens = mx.broadcast_to(mx.arange(2)[:, None], (2, 5))
+    whole = targets(Fixed(), tokens, k=40, bs=1)
+    np.testing.assert_allclose(np.array(topk_kl(whole, zs)), np.array(full), rtol=1e-4, atol=1e-6)
+    some = targets(Fixed(), tokens, k=8, bs=2)
+    assert some.ids.shape == (2, 5, 8)
+    # the kept log-probabilities are the 8 largest, and with the rest they make a distribution
+    top = np.sort(np.array(zt - mx.logsumexp(zt, axis=-1, keepdims=True)), axis=-1)[..., -8:]
+    np.testing.assert_allclose(np.sort(np.array(some.logp), axis=-1), top, rtol=1e-5)
+    mass = np.exp(np.array(some.logp)).sum(-1) + np.exp(np.array(some.rest))
+    np.testing.assert_allclose(mass, 1.0, rtol=1e-5)
+    part = np.array(topk_kl(some, zs))
+    assert (part <= np.array(full) + 1e-6).all() and (part > 0).all()
+    assert float(topk_kl(some, zt).max()) < 1e-5   # the same logits: no divergence
+
+
 def test_batch_bounded_by_logits_bytes():
     st = DistillSettings(batch=8)
     assert batch_size(st, 256, 6144) == 8
     assert batch_size(st, 512, 131072) == 1
     with pytest.raises(ValueError):
         DistillSettings(windows=0)
+    with pytest.raises(ValueError):
+        DistillSettings(top_k=0)
 
 
 def test_patch_overwrites_in_place_and_refuses_another_layout(tmp_path):

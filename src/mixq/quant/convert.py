@@ -382,12 +382,11 @@ def _distill(opts, lm, docs, tmp, prog) -> tuple[dict, dict]:
     # windows of their own (another seed): the validation ones are never trained on
     win = calibration.make_windows(docs, lm.tokenizer, n_samples=st.windows + st.validation, seq_len=opts.seq_len,
                                    seed=opts.seed + 1)
-    teacher = load(opts.model).model   # float32, in memory
     prog.start("distillation")
-    tuned, record = Distiller(teacher, before, st, progress=prog).run(win.tokens[st.validation:],
-                                                                      win.tokens[:st.validation])
+    # the float model (float32, in memory) gives its targets and then becomes the student: one copy held
+    tuned, record = Distiller(load(opts.model).model, before, st, progress=prog).run(win.tokens[st.validation:],
+                                                                                     win.tokens[:st.validation])
     prog.end()
-    del teacher
     if record["kept"]:
         patch(tmp, {f"{p.rsplit('.', 1)[0]}.{n}": getattr(tuned[p], n) for p in record["tensors"]
                     for n in ("scales", "biases")})

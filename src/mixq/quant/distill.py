@@ -9,27 +9,35 @@ b0 + c s0: one learning rate fits groups of any magnitude), and windows held asi
 windows pick the epoch that is kept (the written values stay when no epoch beats them). Tuned values are cast to the
 source dtype before they are measured, so what is kept is what `mlx_lm.load` reads.
 
-Measured (`benchmarks/distill_vs_dwq.py`, the defaults: 128 + 16 windows of 256 tokens, 4 epochs, lr 3e-4):
-held-out KL 0.82x / 0.88x the undistilled model's on the demo at 4.53 / 5.5 bpw, 0.85x on demo-moe at 4.53
-(at 5.5 no epoch was kept); 0.31-0.43x mlx-lm DWQ's at the same size. Scales and biases are the limit: the
-training windows' own KL falls only to ~0.7x with more epochs or windows.
+The float model's targets are computed once, before training: per position its top TOP_K log-probabilities,
+their ids and the mass left outside them (as DWQ stores its top-1024 logits). The loss is the KL between the
+two distributions over those k ids plus one bucket for the rest of the vocabulary: a lower bound of the full KL,
+equal to it when the float model's tail is empty. The float model itself then becomes the student (its affine
+weights replaced by the quantized ones at every step), so one copy of the model is ever held.
 
-Cost: per training window and epoch a float forward (the targets, computed as needed so nothing of the
-vocabulary is stored), a quantized forward and its backward; the step dequantizes every tensor to float32
-from its codes (on the CPU several times faster than differentiating mlx's quantized matmul). Memory: the
-float model, the codes (a byte a weight), float32 weights and the activations of one batch.
+Measured (`benchmarks/distill_vs_dwq.py`, the defaults: 128 + 16 windows of 256 tokens, 4 epochs, lr 3e-4):
+see README ("--distill"). Scales and biases are the limit: the training windows' own KL falls only to ~0.7x
+with more epochs or windows. Learned rounding offsets fitted end to end as well (AutoRound's sign steps, from
+GPTQ's unrounded values) lost on held-out text: demo at 4.53 bpw, 4 epochs, 0.85x the written model's KL
+with 79k codes moved (step 0.002), 2.1x with 220k (step 0.01), against 0.81x for scales and biases alone.
+
+Cost: one float forward per window for the targets; per training window and epoch a quantized forward and its
+backward; the step dequantizes every tensor to float32 from its codes (on the CPU several times faster than
+differentiating mlx's quantized matmul). Memory: the model in float32, the codes (a byte a weight), the targets
+(8 bytes x TOP_K a position) and the activations of one batch.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
 from mixq.quant.scalebias import ScaleBias, tunable
 
-DISTILL_VERSION = "distill-scale-bias-v1"
-LOGITS_BYTES = 1 << 30   # float32 logits (and their softmax temporaries) of one batch, both models
+DISTILL_VERSION = "distill-scale-bias-v2"
+LOGITS_BYTES = 1 << 30   # float32 logits (and their softmax temporaries) of one batch
+TOP_K = 1024             # the float model's log-probabilities kept per position (DWQ keeps 1024 logits)
+TINY = 1e-30
 
 
 @dataclass
@@ -40,67 +48,114 @@ class DistillSettings:
     lr: float = 3e-4        # Adam, relative to each group's own scale; linear warm-up then cosine decay
     batch: int = 8
     seed: int = 0
+    top_k: int = TOP_K      # float model's log-probabilities kept per position
 
     def __post_init__(self):
-        if self.windows < 1 or self.validation < 1 or self.epochs < 0 or self.lr < 0 or self.batch < 1:
+        if self.windows < 1 or self.validation < 1 or self.epochs < 0 or self.lr < 0 or self.batch < 1 \
+                or self.top_k < 1:
             raise ValueError(f"distillation: windows, validation and batch >= 1, epochs and lr >= 0 (got {self})")
 
     def to_dict(self) -> dict:
         return {"method": DISTILL_VERSION, "windows": self.windows, "validation": self.validation,
-                "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed}
+                "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed, "top_k": self.top_k}
 
 
 def batch_size(settings: DistillSettings, seq_len: int, vocab: int) -> int:
-    """The batch: at most `settings.batch` windows, fewer where both models' logits would pass LOGITS_BYTES."""
+    """The batch: at most `settings.batch` windows, fewer where the logits (and their temporaries) would pass
+    LOGITS_BYTES."""
     return max(1, min(settings.batch, LOGITS_BYTES // max(1, 4 * 4 * seq_len * vocab)))
 
 
-def kl_rows(zt, zs):
-    """Per position KL(softmax zt || softmax zs), float32."""
+def _log_rest(lse_k, lse):
+    """log(1 - exp(lse_k - lse)): the log-mass outside the k ids, floored at TINY (k = vocabulary: none)."""
     import mlx.core as mx
 
-    lp = zt - mx.logsumexp(zt, axis=-1, keepdims=True)
-    lq = zs - mx.logsumexp(zs, axis=-1, keepdims=True)
-    return (mx.exp(lp) * (lp - lq)).sum(axis=-1)
+    return mx.log(mx.maximum(-mx.expm1(lse_k - lse), TINY))
+
+
+@dataclass
+class Targets:
+    """The float model's top-k per position: ids (n, L, k) int32, log-probabilities (n, L, k) and the
+    log-mass outside them (n, L), float32."""
+
+    ids: object
+    logp: object
+    rest: object
+
+    def __getitem__(self, sl) -> "Targets":
+        return Targets(self.ids[sl], self.logp[sl], self.rest[sl])
+
+
+def targets(model, tokens, k: int, bs: int) -> Targets:
+    """The float `model`'s top-k targets on (n, L) `tokens`, `bs` windows at a time."""
+    import mlx.core as mx
+
+    ids, logp, rest = [], [], []
+    for i in range(0, tokens.shape[0], bs):
+        z = model(tokens[i:i + bs]).astype(mx.float32)
+        kk = min(k, z.shape[-1])
+        idx = mx.argpartition(-z, kth=kk - 1, axis=-1)[..., :kk] if kk < z.shape[-1] else \
+            mx.broadcast_to(mx.arange(kk), z.shape)
+        zk = mx.take_along_axis(z, idx, axis=-1)
+        lse = mx.logsumexp(z, axis=-1, keepdims=True)
+        ids.append(idx.astype(mx.int32)), logp.append(zk - lse)
+        rest.append(_log_rest(mx.logsumexp(zk, axis=-1), lse[..., 0]))
+        mx.eval(ids[-1], logp[-1], rest[-1])
+    return Targets(mx.concatenate(ids), mx.concatenate(logp), mx.concatenate(rest))
+
+
+def topk_kl(t: Targets, zs):
+    """Per position KL between the float model's distribution and softmax(zs) over the target ids and one
+    bucket for the rest of the vocabulary (a lower bound of the full KL; equal when the rest is empty)."""
+    import mlx.core as mx
+
+    lse = mx.logsumexp(zs, axis=-1)
+    zk = mx.take_along_axis(zs, t.ids, axis=-1)
+    lq = zk - lse[..., None]
+    q_rest = _log_rest(mx.logsumexp(zk, axis=-1), lse)
+    return (mx.exp(t.logp) * (t.logp - lq)).sum(axis=-1) + mx.exp(t.rest) * (t.rest - q_rest)
 
 
 @dataclass
 class Distiller:
-    """`teacher`: the float model (an mlx-lm model in float32); `quantized`: path -> QuantizedWeight as written."""
+    """`model`: the float model (an mlx-lm model in float32). It gives the targets, then becomes the student:
+    its quantized tensors' weights are replaced from the written codes (so hand it over: it is changed).
+    `quantized`: path -> QuantizedWeight as written."""
 
-    teacher: object
+    model: object
     quantized: dict
     settings: DistillSettings = field(default_factory=DistillSettings)
     progress: object = None
 
     def __post_init__(self):
+        self.model.freeze()
+        self.tuned = tunable(self.quantized)
+        self.sb = ScaleBias(self.tuned)
+
+    def _become_student(self) -> None:
+        """Microscaled formats run as written (not tuned); the affine ones are set by `_set` at every step."""
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        self.student = copy.deepcopy(self.teacher)
-        self.teacher.freeze()
-        self.student.freeze()
-        self.tuned = tunable(self.quantized)
         fixed = [(p, q.full(mx.float32)) for p, q in self.quantized.items() if p not in self.tuned]
-        if fixed:   # microscaled formats: run as written, not tuned
-            self.student.update(tree_unflatten(fixed))
+        if fixed:
+            self.model.update(tree_unflatten(fixed))
             mx.eval([a for _, a in fixed])
-        self.sb = ScaleBias(self.tuned)
 
     def _set(self, params, cast: bool) -> None:
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        self.student.update(tree_unflatten(self.sb.weights(params, cast, mx.float32)))
+        self.model.update(tree_unflatten(self.sb.weights(params, cast, mx.float32)))
 
-    def _kl(self, params, tokens, bs: int) -> float:
+    def _kl(self, params, tokens, tg: Targets, bs: int) -> float:
         import mlx.core as mx
 
         self._set(params, cast=True)
         total, n = 0.0, 0
         for i in range(0, tokens.shape[0], bs):
             x = tokens[i:i + bs]
-            k = kl_rows(self.teacher(x), self.student(x)).sum()
+            k = topk_kl(tg[i:i + bs], self.model(x)).sum()
             mx.eval(k)
             total, n = total + float(k.item()), n + x.size
         return total / max(1, n)
@@ -115,8 +170,10 @@ class Distiller:
         t0 = time.perf_counter()
         st = self.settings
         train, valid = mx.array(np.asarray(train)), mx.array(np.asarray(valid))
-        vocab = int(self.teacher(valid[:1, :2]).shape[-1])
+        vocab = int(self.model(valid[:1, :2]).shape[-1])
         bs = batch_size(st, int(train.shape[1]), vocab)
+        t_train, t_valid = (targets(self.model, x, st.top_k, bs) for x in (train, valid))
+        self._become_student()
         params = self.sb.zeros()
         batches = [(i, min(i + bs, train.shape[0])) for i in range(0, train.shape[0], bs)]
         steps = st.epochs * len(batches)
@@ -125,28 +182,26 @@ class Distiller:
                                    optim.cosine_decay(st.lr, max(1, steps))], [warm])
         opt = optim.Adam(learning_rate=lr)
 
-        def loss_fn(params, x, zt):
+        def loss_fn(params, x, tg):
             self._set(params, cast=False)
-            return kl_rows(zt, self.student(x)).mean()
+            return topk_kl(tg, self.model(x)).mean()
 
         grad = mx.value_and_grad(loss_fn)
         rng = np.random.default_rng([st.seed, 17])
-        start = self._kl(params, valid, bs)
+        start = self._kl(params, valid, t_valid, bs)
         best, best_params, best_epoch, epochs, done = start, None, 0, [], 0
         for e in range(st.epochs):
             total = 0.0
             for j in rng.permutation(len(batches)):
                 a, b = batches[j]
-                x = train[a:b]
-                zt = mx.stop_gradient(self.teacher(x))
-                loss, g = grad(params, x, zt)
+                loss, g = grad(params, train[a:b], t_train[a:b])
                 params = opt.apply_gradients(g, params)
                 mx.eval(params, opt.state, loss)
                 total += float(loss.item()) * (b - a)
                 done += 1
                 if self.progress is not None:
                     self.progress.update(done, steps, "steps")
-            val = self._kl(params, valid, bs)
+            val = self._kl(params, valid, t_valid, bs)
             epochs.append({"epoch": e + 1, "train_kl": float(f"{total / train.shape[0]:.6g}"),
                            "validation_kl": float(f"{val:.6g}")})
             if val < best:
@@ -158,10 +213,19 @@ class Distiller:
             **st.to_dict(), "batch": bs, "tensors": sorted(self.tuned), "steps": steps,
             "validation_kl_before": float(f"{start:.6g}"), "validation_kl_after": float(f"{best:.6g}"),
             "kept": kept, "epoch_kept": best_epoch,
+            # how much of the float model's probability its top-k ids hold (validation windows): the KL
+            # trained on is the full KL where this is 1
+            "target_mass": float(f"{mx.exp(t_valid.logp).sum(axis=-1).mean().item():.6g}"),
             "epochs_run": epochs,
-            # whole-model forwards over one window: a float forward, a quantized forward and its backward
-            # (two) per training window and epoch; both models on the validation windows before and per epoch
-            "window_forwards": 4 * n_train * st.epochs + 2 * n_valid * (st.epochs + 1),
+            # whole-model forwards over one window: the float model's once per window (the targets); per
+            # training window and epoch a quantized forward and its backward (two); on the validation windows
+            # before training and after each epoch
+            "window_forwards": window_forwards(st, n_train, n_valid),
             "seconds": round(time.perf_counter() - t0, 2),
         }
         return out, record
+
+
+def window_forwards(st: DistillSettings, n_train: int, n_valid: int) -> int:
+    """Whole-model forwards over one window a run costs (a backward counted as two)."""
+    return n_train + n_valid + 3 * n_train * st.epochs + n_valid * (st.epochs + 1)

@@ -188,10 +188,11 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     }
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
         mem["router flips"] = act
-    if distill:   # the float model, the student's float32 weights and codes; a batch's activations and logits
-        b_tokens = distill_batch(DistillSettings(), seq_len, vocab) * seq_len
-        mem["distillation"] = 9 * params + ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden * n_blocks + min(
-            LOGITS_BYTES, 16 * b_tokens * vocab)
+    if distill:   # the model in float32 and the codes; the targets; a batch's activations and logits
+        st = DistillSettings()
+        b_tokens = distill_batch(st, seq_len, vocab) * seq_len
+        mem["distillation"] = 5 * params + 8 * min(st.top_k, vocab) * (st.windows + st.validation) * seq_len + \
+            ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden * n_blocks + min(LOGITS_BYTES, 16 * b_tokens * vocab)
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available
