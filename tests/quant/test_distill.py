@@ -56,6 +56,21 @@ def test_distillation_keeps_codes_and_source_dtype_and_lowers_validation_kl(nemo
     assert 0 < rec["target_mass"] < 1
 
 
+def test_progress_counts_window_forwards_to_the_total(nemotron_moe):
+    seen = []
+
+    class Progress:
+        def update(self, done, total, unit):
+            seen.append((done, total, unit))
+
+    st = DistillSettings(windows=3, validation=2, epochs=2, lr=1e-3, batch=2)
+    _, rec = Distiller(load(nemotron_moe).model, _quantized(nemotron_moe), st, progress=Progress()).run(
+        _tokens(3, 0), _tokens(2, 1))
+    done = [d for d, _, _ in seen]
+    assert done == sorted(done) and seen[-1] == (rec["window_forwards"], rec["window_forwards"], "window forwards")
+    assert rec["window_forwards"] == (3 + 2) + 3 * 3 * 2 + 2 * 3
+
+
 def test_no_epoch_better_keeps_the_written_values(nemotron_moe):
     (out, rec), q = _run(nemotron_moe, DistillSettings(windows=2, validation=2, epochs=1, lr=0.0, batch=2))
     assert not rec["kept"] and rec["epoch_kept"] == 0

@@ -86,8 +86,9 @@ class Targets:
         return Targets(self.ids[sl], self.logp[sl], self.rest[sl])
 
 
-def targets(model, tokens, k: int, bs: int) -> Targets:
-    """The float `model`'s top-k targets on (n, L) `tokens`, `bs` windows at a time."""
+def targets(model, tokens, k: int, bs: int, on_batch=None) -> Targets:
+    """The float `model`'s top-k targets on (n, L) `tokens`, `bs` windows at a time (`on_batch(windows)`
+    after each batch)."""
     import mlx.core as mx
 
     ids, logp, rest = [], [], []
@@ -101,6 +102,8 @@ def targets(model, tokens, k: int, bs: int) -> Targets:
         ids.append(idx.astype(mx.int32)), logp.append(zk - lse)
         rest.append(_log_rest(mx.logsumexp(zk, axis=-1), lse[..., 0]))
         mx.eval(ids[-1], logp[-1], rest[-1])
+        if on_batch is not None:
+            on_batch(z.shape[0])
     return Targets(mx.concatenate(ids), mx.concatenate(logp), mx.concatenate(rest))
 
 
@@ -148,6 +151,12 @@ class Distiller:
 
         self.model.update(tree_unflatten(self.sb.weights(params, cast, mx.float32)))
 
+    def _tick(self, forwards: int) -> None:
+        """Progress in window forwards (the record's unit of cost), with the stage's ETA."""
+        self._done += forwards
+        if self.progress is not None:
+            self.progress.update(self._done, self._total, "window forwards")
+
     def _kl(self, params, tokens, tg: Targets, bs: int) -> float:
         import mlx.core as mx
 
@@ -158,6 +167,7 @@ class Distiller:
             k = topk_kl(tg[i:i + bs], self.model(x)).sum()
             mx.eval(k)
             total, n = total + float(k.item()), n + x.size
+            self._tick(x.shape[0])
         return total / max(1, n)
 
     def run(self, train, valid) -> tuple[dict, dict]:
@@ -172,7 +182,9 @@ class Distiller:
         train, valid = mx.array(np.asarray(train)), mx.array(np.asarray(valid))
         vocab = int(self.model(valid[:1, :2]).shape[-1])
         bs = batch_size(st, int(train.shape[1]), vocab)
-        t_train, t_valid = (targets(self.model, x, st.top_k, bs) for x in (train, valid))
+        n_train, n_valid = int(train.shape[0]), int(valid.shape[0])
+        self._done, self._total = 0, window_forwards(st, n_train, n_valid)
+        t_train, t_valid = (targets(self.model, x, st.top_k, bs, self._tick) for x in (train, valid))
         self._become_student()
         params = self.sb.zeros()
         batches = [(i, min(i + bs, train.shape[0])) for i in range(0, train.shape[0], bs)]
@@ -189,7 +201,7 @@ class Distiller:
         grad = mx.value_and_grad(loss_fn)
         rng = np.random.default_rng([st.seed, 17])
         start = self._kl(params, valid, t_valid, bs)
-        best, best_params, best_epoch, epochs, done = start, None, 0, [], 0
+        best, best_params, best_epoch, epochs = start, None, 0, []
         for e in range(st.epochs):
             total = 0.0
             for j in rng.permutation(len(batches)):
@@ -198,9 +210,7 @@ class Distiller:
                 params = opt.apply_gradients(g, params)
                 mx.eval(params, opt.state, loss)
                 total += float(loss.item()) * (b - a)
-                done += 1
-                if self.progress is not None:
-                    self.progress.update(done, steps, "steps")
+                self._tick(3 * (b - a))   # a forward and its backward
             val = self._kl(params, valid, t_valid, bs)
             epochs.append({"epoch": e + 1, "train_kl": float(f"{total / train.shape[0]:.6g}"),
                            "validation_kl": float(f"{val:.6g}")})
@@ -208,7 +218,6 @@ class Distiller:
                 best, best_params, best_epoch = val, {p: dict(d) for p, d in params.items()}, e + 1
         kept = best_params is not None
         out = {**self.quantized, **(self.sb.quantized(best_params) if kept else {})}
-        n_train, n_valid = int(train.shape[0]), int(valid.shape[0])
         record = {
             **st.to_dict(), "batch": bs, "tensors": sorted(self.tuned), "steps": steps,
             "validation_kl_before": float(f"{start:.6g}"), "validation_kl_after": float(f"{best:.6g}"),
@@ -220,7 +229,7 @@ class Distiller:
             # whole-model forwards over one window: the float model's once per window (the targets); per
             # training window and epoch a quantized forward and its backward (two); on the validation windows
             # before training and after each epoch
-            "window_forwards": window_forwards(st, n_train, n_valid),
+            "window_forwards": self._done,
             "seconds": round(time.perf_counter() - t0, 2),
         }
         return out, record
