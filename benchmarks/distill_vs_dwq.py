@@ -6,7 +6,7 @@ same bytes), and mlx-lm's DWQ (`mlx_lm.quant.dwq.dwq_quantize`, via refine_block
 format of that size (4:64; 5:64 for 5.5 bpw), trained on the same windows mixq distils on, measured on the
 same held-out windows. Prints KL, the ratios and seconds.
 
-Usage: python benchmarks/distill_vs_dwq.py [--models demo demo-moe] [--windows 128] [--epochs 8]
+Usage: python benchmarks/distill_vs_dwq.py [--models demo demo-moe] [--windows 128] [--epochs 4]
            [--dwq-lr 1e-5] [--dwq-epochs 1]
 """
 

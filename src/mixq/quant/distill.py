@@ -53,7 +53,7 @@ class DistillSettings:
     def __post_init__(self):
         if self.windows < 1 or self.validation < 1 or self.epochs < 0 or self.lr < 0 or self.batch < 1 \
                 or self.top_k < 1:
-            raise ValueError(f"distillation: windows, validation and batch >= 1, epochs and lr >= 0 (got {self})")
+            raise ValueError(f"distillation: windows, validation, batch and top_k >= 1, epochs and lr >= 0 (got {self})")
 
     def to_dict(self) -> dict:
         return {"method": DISTILL_VERSION, "windows": self.windows, "validation": self.validation,
