@@ -347,7 +347,7 @@ def test_distill_patches_scales_and_biases_only_and_records_it(converted, nemotr
 
     # validated on its training windows (what the steps minimise), so an epoch is kept and the shards patched
     run = Distiller.run
-    monkeypatch.setattr(Distiller, "run", lambda self, train, valid: run(self, train, train))
+    monkeypatch.setattr(Distiller, "run", lambda self, train, valid, **kw: run(self, train, train, **kw))
     monkeypatch.setattr(conv, "DistillSettings", functools.partial(DistillSettings, lr=1e-3))
     plain_out, plain_report = converted
     out = tmp_path / "distilled"
@@ -370,6 +370,41 @@ def test_distill_patches_scales_and_biases_only_and_records_it(converted, nemotr
     with pytest.raises(MixqError, match="distill"):
         convert(ConvertOptions(model=str(nemotron_moe), out=str(tmp_path / "bad"), target_bpw=4.5, distill=True,
                                distill_epochs=0, **SMALL))
+
+
+def test_a_convert_stopped_in_its_distillation_resumes_it(nemotron_moe, tmp_path, monkeypatch):
+    """Stopped after the distillation's first epoch: nothing is written, its targets and epoch stay in
+    OUT.mixq-work/distill, and the same command run again resumes there (the float model's targets are not
+    computed again) and writes what an uninterrupted convert writes."""
+    import mixq.quant.distill as distill
+    from mixq.quant.distill_state import DistillState
+
+    opts = dict(model=str(nemotron_moe), target_bpw=4.5, distill=True, distill_windows=4, distill_epochs=2, **SMALL)
+    fresh = convert(ConvertOptions(out=str(tmp_path / "fresh"), **opts))["distillation"]
+
+    class Stop(Exception):
+        pass
+
+    save = DistillState.save_epoch
+
+    def save_then_stop(self, record, arrays):
+        save(self, record, arrays)
+        raise Stop
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(DistillState, "save_epoch", save_then_stop)
+        with pytest.raises(Stop):
+            convert(ConvertOptions(out=str(out), **opts))
+    assert not out.exists() and (tmp_path / "resumed.mixq-work" / "distill" / "state.json").is_file()
+    calls = []
+    targets = distill.targets
+    monkeypatch.setattr(distill, "targets", lambda *a, **k: calls.append(1) or targets(*a, **k))
+    again = convert(ConvertOptions(out=str(out), **opts))["distillation"]
+    assert calls == [] and not (tmp_path / "resumed.mixq-work").exists()
+    same = lambda d: {k: v for k, v in d.items() if k != "seconds"}   # noqa: E731
+    assert same(again) == same(fresh)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
 
 
 def test_a_rival_the_estimates_rule_out_is_not_measured(converted, nemotron_moe, tmp_path, monkeypatch):

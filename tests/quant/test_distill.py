@@ -147,3 +147,41 @@ def test_patch_overwrites_in_place_and_refuses_another_layout(tmp_path):
         patch(tmp_path, {"a.scales": mx.ones((2, 3), dtype=mx.float32)})
     with pytest.raises(MixqError, match="b"):
         patch(tmp_path, {"b": mx.ones((4,), dtype=mx.float32)})
+
+
+def test_an_interrupted_distillation_resumes_to_the_same_values(nemotron_moe, tmp_path):
+    """The targets and each finished epoch are kept: a run stopped in its second epoch, run again, skips the
+    float model's forwards and the first epoch and ends where an uninterrupted run ends."""
+    st = DistillSettings(windows=4, validation=2, epochs=3, lr=1e-2, batch=2, seed=5)
+    q = _quantized(nemotron_moe)
+    train, valid = _tokens(4, 0), _tokens(2, 1)
+    whole, rec = Distiller(load(nemotron_moe).model, q, st).run(train, valid)
+
+    class Stop(Exception):
+        pass
+
+    class Progress:
+        def __init__(self, stop_at=None):
+            self.stop_at, self.seen = stop_at, []
+
+        def update(self, done, total, unit):
+            self.seen.append(done)
+            if self.stop_at is not None and done >= self.stop_at:
+                raise Stop
+
+    first_epoch_end = (4 + 2) + 2 + 3 * 4 + 2   # targets, the starting validation, one epoch and its validation
+    with pytest.raises(Stop):
+        Distiller(load(nemotron_moe).model, q, st, progress=Progress(first_epoch_end + 1)).run(
+            train, valid, state_dir=tmp_path / "state")
+    p = Progress()
+    again, rec2 = Distiller(load(nemotron_moe).model, q, st, progress=p).run(train, valid, state_dir=tmp_path / "state")
+    assert p.seen[0] > first_epoch_end   # neither the targets nor the first epoch ran again
+    assert {k: v for k, v in rec2.items() if k != "seconds"} == {k: v for k, v in rec.items() if k != "seconds"}
+    for path in rec["tensors"]:
+        assert mx.array_equal(whole[path].scales, again[path].scales).item()
+        assert mx.array_equal(whole[path].biases, again[path].biases).item()
+    # other settings (another key): nothing of that state is used
+    p = Progress()
+    Distiller(load(nemotron_moe).model, q, DistillSettings(windows=4, validation=2, epochs=1, lr=1e-3, batch=2),
+              progress=p).run(train, valid, state_dir=tmp_path / "state")
+    assert p.seen[0] <= 2

@@ -191,7 +191,7 @@ def convert(opts: ConvertOptions) -> dict:
         timings: dict = {}  # stage -> seconds per block
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
                                                      candidates, tmp, prog, timings, cal.references)
-        distillation, undistilled = _distill(opts, lm, docs, tmp, prog) if opts.distill else (None, None)
+        distillation, undistilled = _distill(opts, lm, docs, tmp, work, prog) if opts.distill else (None, None)
         plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation)
         _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
@@ -370,9 +370,10 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
     return plan
 
 
-def _distill(opts, lm, docs, tmp, prog) -> tuple[dict, dict]:
+def _distill(opts, lm, docs, tmp, work, prog) -> tuple[dict, dict]:
     """End-to-end distillation of the written model's scales and biases (patched into its shards when an
-    epoch beats the written values on the validation windows). Returns the record and the arrays before."""
+    epoch beats the written values on the validation windows; its targets and epochs kept in `work` for a
+    resumed run). Returns the record and the arrays before."""
     import mlx.core as mx
 
     written = WrittenModel(tmp)
@@ -384,8 +385,8 @@ def _distill(opts, lm, docs, tmp, prog) -> tuple[dict, dict]:
                                    seed=opts.seed + 1)
     prog.start("distillation")
     # the float model (float32, in memory) gives its targets and then becomes the student: one copy held
-    tuned, record = Distiller(load(opts.model).model, before, st, progress=prog).run(win.tokens[st.validation:],
-                                                                                     win.tokens[:st.validation])
+    tuned, record = Distiller(load(opts.model).model, before, st, progress=prog).run(
+        win.tokens[st.validation:], win.tokens[:st.validation], state_dir=work / "distill")
     prog.end()
     if record["kept"]:
         patch(tmp, {f"{p.rsplit('.', 1)[0]}.{n}": getattr(tuned[p], n) for p in record["tensors"]

@@ -21,6 +21,8 @@ with more epochs or windows. Learned rounding offsets fitted end to end as well 
 GPTQ's unrounded values) lost on held-out text: demo at 4.53 bpw, 4 epochs, 0.85x the written model's KL
 with 79k codes moved (step 0.002), 2.1x with 220k (step 0.01), against 0.81x for scales and biases alone.
 
+Resumable: the targets and each finished epoch are kept in the convert's work dir (`mixq.quant.distill_state`).
+
 Cost: one float forward per window for the targets; per training window and epoch a quantized forward and its
 backward; the step dequantizes every tensor to float32 from its codes (on the CPU several times faster than
 differentiating mlx's quantized matmul). Memory: the model in float32, the codes (a byte a weight), the targets
@@ -32,6 +34,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from mixq.quant.distill_state import DistillState, state_key
 from mixq.quant.scalebias import ScaleBias, tunable
 
 DISTILL_VERSION = "distill-scale-bias-v2"
@@ -170,9 +173,24 @@ class Distiller:
             self._tick(x.shape[0])
         return total / max(1, n)
 
-    def run(self, train, valid) -> tuple[dict, dict]:
+    def _targets(self, state: DistillState, train, valid, bs: int) -> tuple[Targets, Targets]:
+        """The float model's targets on both sets of windows: kept from an earlier run with the same key, or
+        computed (and kept)."""
+        got = state.targets()
+        if got is None:
+            got = {}
+            for name, x in (("train", train), ("valid", valid)):
+                t = targets(self.model, x, self.settings.top_k, bs, self._tick)
+                got[name] = {"ids": t.ids, "logp": t.logp, "rest": t.rest}
+            state.save_targets(got)
+        else:
+            self._done += int(train.shape[0] + valid.shape[0])
+        return tuple(Targets(**got[n]) for n in ("train", "valid"))
+
+    def run(self, train, valid, state_dir=None) -> tuple[dict, dict]:
         """`train`, `valid`: (n, L) int token windows. Returns path -> QuantizedWeight (tuned, source dtype;
-        the written arrays where no epoch beat them) and the record of the run."""
+        the written arrays where no epoch beat them) and the record of the run. `state_dir`: where the
+        targets and each finished epoch are kept, so an interrupted run resumes (mixq.quant.distill_state)."""
         import mlx.core as mx
         import mlx.optimizers as optim
         import numpy as np
@@ -180,11 +198,12 @@ class Distiller:
         t0 = time.perf_counter()
         st = self.settings
         train, valid = mx.array(np.asarray(train)), mx.array(np.asarray(valid))
+        state = DistillState(state_dir, state_key(st.to_dict(), train, valid, self.tuned))
         vocab = int(self.model(valid[:1, :2]).shape[-1])
         bs = batch_size(st, int(train.shape[1]), vocab)
         n_train, n_valid = int(train.shape[0]), int(valid.shape[0])
         self._done, self._total = 0, window_forwards(st, n_train, n_valid)
-        t_train, t_valid = (targets(self.model, x, st.top_k, bs, self._tick) for x in (train, valid))
+        t_train, t_valid = self._targets(state, train, valid, bs)
         self._become_student()
         params = self.sb.zeros()
         batches = [(i, min(i + bs, train.shape[0])) for i in range(0, train.shape[0], bs)]
@@ -200,9 +219,16 @@ class Distiller:
 
         grad = mx.value_and_grad(loss_fn)
         rng = np.random.default_rng([st.seed, 17])
-        start = self._kl(params, valid, t_valid, bs)
-        best, best_params, best_epoch, epochs = start, None, 0, []
-        for e in range(st.epochs):
+        resumed = state.epoch()
+        if resumed is None:
+            start = self._kl(params, valid, t_valid, bs)
+            best, best_params, best_epoch, epochs = start, None, 0, []
+        else:   # the epochs an interrupted run finished: where it stood after the last of them
+            rec, arrays = resumed
+            params, opt.state, best_params = arrays["params"], arrays["opt"], arrays.get("best")
+            start, best, best_epoch, epochs = rec["start"], rec["best"], rec["best_epoch"], rec["epochs"]
+            rng.bit_generator.state, self._done = rec["rng"], rec["forwards"]
+        for e in range(len(epochs), st.epochs):
             total = 0.0
             for j in rng.permutation(len(batches)):
                 a, b = batches[j]
@@ -216,6 +242,9 @@ class Distiller:
                            "validation_kl": float(f"{val:.6g}")})
             if val < best:
                 best, best_params, best_epoch = val, {p: dict(d) for p, d in params.items()}, e + 1
+            state.save_epoch({"start": start, "best": best, "best_epoch": best_epoch, "epochs": epochs,
+                              "rng": rng.bit_generator.state, "forwards": self._done},
+                             {"params": params, "opt": opt.state, **({"best": best_params} if best_params else {})})
         kept = best_params is not None
         out = {**self.quantized, **(self.sb.quantized(best_params) if kept else {})}
         record = {
