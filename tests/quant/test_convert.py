@@ -235,6 +235,9 @@ def test_preflight_sizes_the_distillation(nemotron_moe):
     got = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, distill=True, **SMALL))["preflight"]
     assert "distillation" not in plain["memory"]
     assert 5 * got["params"] < got["memory"]["distillation"] < 9 * got["params"] + (1 << 30)
+    more = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, distill=True,
+                                  distill_windows=1024, **SMALL))["preflight"]   # the targets of the windows asked for
+    assert more["memory"]["distillation"] > got["memory"]["distillation"]
     assert got["peak_bytes"] == plain["peak_bytes"] + got["memory"]["distillation"]
 
 

@@ -56,18 +56,29 @@ def test_distillation_keeps_codes_and_source_dtype_and_lowers_validation_kl(nemo
     assert 0 < rec["target_mass"] < 1
 
 
+class _Stop(Exception):
+    pass
+
+
+class _Progress:
+    """Records every update; with `stop_at`, raises _Stop once that many window forwards are done."""
+
+    def __init__(self, stop_at=None):
+        self.stop_at, self.seen = stop_at, []
+
+    def update(self, done, total, unit):
+        self.seen.append((done, total, unit))
+        if self.stop_at is not None and done >= self.stop_at:
+            raise _Stop
+
+
 def test_progress_counts_window_forwards_to_the_total(nemotron_moe):
-    seen = []
-
-    class Progress:
-        def update(self, done, total, unit):
-            seen.append((done, total, unit))
-
     st = DistillSettings(windows=3, validation=2, epochs=2, lr=1e-3, batch=2)
-    _, rec = Distiller(load(nemotron_moe).model, _quantized(nemotron_moe), st, progress=Progress()).run(
+    p = _Progress()
+    _, rec = Distiller(load(nemotron_moe).model, _quantized(nemotron_moe), st, progress=p).run(
         _tokens(3, 0), _tokens(2, 1))
-    done = [d for d, _, _ in seen]
-    assert done == sorted(done) and seen[-1] == (rec["window_forwards"], rec["window_forwards"], "window forwards")
+    done = [d for d, _, _ in p.seen]
+    assert done == sorted(done) and p.seen[-1] == (rec["window_forwards"], rec["window_forwards"], "window forwards")
     assert rec["window_forwards"] == (3 + 2) + 3 * 3 * 2 + 2 * 3
 
 
@@ -157,31 +168,19 @@ def test_an_interrupted_distillation_resumes_to_the_same_values(nemotron_moe, tm
     train, valid = _tokens(4, 0), _tokens(2, 1)
     whole, rec = Distiller(load(nemotron_moe).model, q, st).run(train, valid)
 
-    class Stop(Exception):
-        pass
-
-    class Progress:
-        def __init__(self, stop_at=None):
-            self.stop_at, self.seen = stop_at, []
-
-        def update(self, done, total, unit):
-            self.seen.append(done)
-            if self.stop_at is not None and done >= self.stop_at:
-                raise Stop
-
     first_epoch_end = (4 + 2) + 2 + 3 * 4 + 2   # targets, the starting validation, one epoch and its validation
-    with pytest.raises(Stop):
-        Distiller(load(nemotron_moe).model, q, st, progress=Progress(first_epoch_end + 1)).run(
+    with pytest.raises(_Stop):
+        Distiller(load(nemotron_moe).model, q, st, progress=_Progress(first_epoch_end + 1)).run(
             train, valid, state_dir=tmp_path / "state")
-    p = Progress()
+    p = _Progress()
     again, rec2 = Distiller(load(nemotron_moe).model, q, st, progress=p).run(train, valid, state_dir=tmp_path / "state")
-    assert p.seen[0] > first_epoch_end   # neither the targets nor the first epoch ran again
+    assert p.seen[0][0] > first_epoch_end   # neither the targets nor the first epoch ran again
     assert {k: v for k, v in rec2.items() if k != "seconds"} == {k: v for k, v in rec.items() if k != "seconds"}
     for path in rec["tensors"]:
         assert mx.array_equal(whole[path].scales, again[path].scales).item()
         assert mx.array_equal(whole[path].biases, again[path].biases).item()
     # other settings (another key): nothing of that state is used
-    p = Progress()
+    p = _Progress()
     Distiller(load(nemotron_moe).model, q, DistillSettings(windows=4, validation=2, epochs=1, lr=1e-3, batch=2),
               progress=p).run(train, valid, state_dir=tmp_path / "state")
-    assert p.seen[0] <= 2
+    assert p.seen[0][0] <= 2

@@ -146,9 +146,11 @@ def convert(opts: ConvertOptions) -> dict:
     windows = calibration.make_windows(docs, lm.tokenizer, n_samples=opts.samples, seq_len=opts.seq_len,
                                        seed=opts.seed)
     emb = next(t for t in anatomy.tensors if t.module_type == "Embedding")
+    distill = DistillSettings(windows=opts.distill_windows, epochs=opts.distill_epochs, seed=opts.seed) \
+        if opts.distill else None
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
                    batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
-                   stream_weights=opts.stream_weights, distill=opts.distill)
+                   stream_weights=opts.stream_weights, distill=distill)
     if opts.dry_run:
         return {"dry_run": True, "target_bpw": opts.target_bpw, "preflight": pf.to_dict(),
                 "text": format_preflight(pf, opts.target_bpw)}
@@ -191,7 +193,7 @@ def convert(opts: ConvertOptions) -> dict:
         timings: dict = {}  # stage -> seconds per block
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
                                                      candidates, tmp, prog, timings, cal.references)
-        distillation, undistilled = _distill(opts, lm, docs, tmp, work, prog) if opts.distill else (None, None)
+        distillation, undistilled = _distill(opts, distill, lm, docs, tmp, work, prog) if distill else (None, None)
         plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation)
         _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
@@ -370,7 +372,7 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
     return plan
 
 
-def _distill(opts, lm, docs, tmp, work, prog) -> tuple[dict, dict]:
+def _distill(opts, st, lm, docs, tmp, work, prog) -> tuple[dict, dict]:
     """End-to-end distillation of the written model's scales and biases (patched into its shards when an
     epoch beats the written values on the validation windows; its targets and epochs kept in `work` for a
     resumed run). Returns the record and the arrays before."""
@@ -379,7 +381,6 @@ def _distill(opts, lm, docs, tmp, work, prog) -> tuple[dict, dict]:
     written = WrittenModel(tmp)
     before = {p: written[p] for p in written.keys()}
     mx.eval([list(q.arrays().values()) for q in before.values()])   # read now: the shards are patched in place
-    st = DistillSettings(windows=opts.distill_windows, epochs=opts.distill_epochs, seed=opts.seed)
     # windows of their own (another seed): the validation ones are never trained on
     win = calibration.make_windows(docs, lm.tokenizer, n_samples=st.windows + st.validation, seq_len=opts.seq_len,
                                    seed=opts.seed + 1)

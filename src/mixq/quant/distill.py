@@ -32,7 +32,7 @@ differentiating mlx's quantized matmul). Memory: the model in float32, the codes
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mixq.quant.distill_state import DistillState, state_key
 from mixq.quant.scalebias import ScaleBias, tunable
@@ -227,7 +227,8 @@ class Distiller:
             rec, arrays = resumed
             params, opt.state, best_params = arrays["params"], arrays["opt"], arrays.get("best")
             start, best, best_epoch, epochs = rec["start"], rec["best"], rec["best_epoch"], rec["epochs"]
-            rng.bit_generator.state, self._done = rec["rng"], rec["forwards"]
+            rng.bit_generator.state = rec["rng"]
+            self._done = window_forwards(replace(st, epochs=len(epochs)), n_train, n_valid)
         for e in range(len(epochs), st.epochs):
             total = 0.0
             for j in rng.permutation(len(batches)):
@@ -243,7 +244,7 @@ class Distiller:
             if val < best:
                 best, best_params, best_epoch = val, {p: dict(d) for p, d in params.items()}, e + 1
             state.save_epoch({"start": start, "best": best, "best_epoch": best_epoch, "epochs": epochs,
-                              "rng": rng.bit_generator.state, "forwards": self._done},
+                              "rng": rng.bit_generator.state},
                              {"params": params, "opt": opt.state, **({"best": best_params} if best_params else {})})
         kept = best_params is not None
         out = {**self.quantized, **(self.sb.quantized(best_params) if kept else {})}

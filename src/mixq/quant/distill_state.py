@@ -91,7 +91,7 @@ class DistillState:
         self._write_meta()
 
     def epoch(self) -> tuple[dict, dict] | None:
-        """(the last finished epoch's record: epochs, start, best, rng, forwards; its arrays) or None."""
+        """(the last finished epoch's record: epochs, start, best, rng; its arrays) or None."""
         import mlx.core as mx
 
         if not self.meta.get("epoch"):

@@ -151,9 +151,11 @@ def _rounding_bytes(anatomy, candidates) -> int:
 
 def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
               batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4,
-              stream_weights: str = "auto", available: int | None = -1, distill: bool = False) -> Preflight:
+              stream_weights: str = "auto", available: int | None = -1,
+              distill: DistillSettings | None = None) -> Preflight:
     """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `top_k`: routed experts
-    per token (their input rows are kept for a block); `distill`: the end-to-end stage (mixq.quant.distill)."""
+    per token (their input rows are kept for a block); `distill`: the end-to-end stage's settings
+    (mixq.quant.distill), None without it."""
     params = anatomy.mlx_lm_params
     fixed = fixed_bytes(anatomy, source_dtypes)
     tensors, lo, hi = [], fixed, fixed
@@ -188,10 +190,10 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     }
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
         mem["router flips"] = act
-    if distill:   # the model in float32 and the codes; the targets; a batch's activations and logits
-        st = DistillSettings()
-        b_tokens = distill_batch(st, seq_len, vocab) * seq_len
-        mem["distillation"] = 5 * params + 8 * min(st.top_k, vocab) * (st.windows + st.validation) * seq_len + \
+    if distill is not None:   # the model in float32 and the codes; the targets; a batch's activations and logits
+        b_tokens = distill_batch(distill, seq_len, vocab) * seq_len
+        targets = 8 * min(distill.top_k, vocab) * (distill.windows + distill.validation) * seq_len
+        mem["distillation"] = 5 * params + targets + \
             ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden * n_blocks + min(LOGITS_BYTES, 16 * b_tokens * vocab)
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
