@@ -239,6 +239,29 @@ def test_preflight_sizes_the_distillation(nemotron_moe):
                                   distill_windows=1024, **SMALL))["preflight"]   # the targets of the windows asked for
     assert more["memory"]["distillation"] > got["memory"]["distillation"]
     assert got["peak_bytes"] == plain["peak_bytes"] + got["memory"]["distillation"]
+    assert got["distill_student"] == "float" and plain["distill_student"] is None
+
+
+def test_preflight_picks_the_quantized_student_where_the_float_one_does_not_fit(nemotron_moe):
+    """--distill-student auto: the float student (5 bytes a parameter more) where the run fits in the memory
+    available, else the quantized one; asked for, either is sized as asked."""
+    from mixq.core.formats import DEFAULT_CANDIDATES
+    from mixq.quant.distill import DistillSettings
+    from mixq.quant.preflight import preflight
+
+    lm = load(nemotron_moe, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    emb = next(t for t in a.tensors if t.module_type == "Embedding")
+    kw = dict(samples=4, seq_len=32, batch_size=4, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=a.top_k,
+              stream_weights="off", distill=DistillSettings(), target_bpw=4.5)
+    cands = list(DEFAULT_CANDIDATES)
+    roomy = preflight(a, cands, lm.source_dtypes, available=None, **kw)
+    quant = preflight(a, cands, lm.source_dtypes, available=None, distill_student="quantized", **kw)
+    tight = preflight(a, cands, lm.source_dtypes, available=roomy.peak - 1, **kw)
+    assert roomy.distill_student == "float" and quant.distill_student == tight.distill_student == "quantized"
+    assert roomy.memory["distillation"] - quant.memory["distillation"] > 5 * roomy.params
+    assert tight.memory == quant.memory and tight.peak <= tight.available
+    assert preflight(a, cands, lm.source_dtypes, available=1, distill_student="float", **kw).distill_student == "float"
 
 
 def test_infeasible_target_refused_before_any_pass(nemotron_moe, tmp_path):
@@ -339,10 +362,12 @@ def test_refine_tunes_scales_and_biases_only_and_records_it(converted, nemotron_
     _only_scales_and_biases_changed(out, plain_out, plan, tuned)
 
 
-def test_distill_patches_scales_and_biases_only_and_records_it(converted, nemotron_moe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("student", ["float", "quantized"])
+def test_distill_patches_scales_and_biases_only_and_records_it(converted, nemotron_moe, tmp_path, monkeypatch, student):
     """--distill: the plan and the integer codes of the plain convert; the written model before the
     distillation is measured beside it on held-out text (the plain convert's KL, the same bytes); scales and
-    biases change exactly where plan.json says they were distilled; stock mlx_lm.load reads it."""
+    biases change exactly where plan.json says they were distilled; stock mlx_lm.load reads it. The same with
+    either student (the float model with dequantized weights, or the written model's quantized kernels)."""
     import functools
 
     import mixq.quant.convert as conv
@@ -355,13 +380,14 @@ def test_distill_patches_scales_and_biases_only_and_records_it(converted, nemotr
     plain_out, plain_report = converted
     out = tmp_path / "distilled"
     report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5, distill=True,
-                                    distill_windows=4, distill_epochs=2, **SMALL))
+                                    distill_windows=4, distill_epochs=2, distill_student=student, **SMALL))
     assert report["verify"]["ok"]
     plan = json.loads((out / "mixq" / "plan.json").read_text())
     plain = json.loads((plain_out / "mixq" / "plan.json").read_text())
     assert {p: e["format"] for p, e in plan["tensors"].items()} == {p: e["format"] for p, e in plain["tensors"].items()}
     d = plan["distillation"]
     assert d["method"] and d["windows"] == 4 and d["epochs"] == 2 and plain["distillation"] is None
+    assert d["student"] == student
     assert d["kept"] and d["validation_kl_after"] < d["validation_kl_before"]
     rows = {r["name"]: r for r in report["comparison"]}
     assert rows["mixq (undistilled)"]["kl_mean"] == plain_report["comparison"][0]["kl_mean"]

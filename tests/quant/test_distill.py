@@ -13,7 +13,7 @@ from mixq.core.errors import MixqError
 from mixq.core.formats import Format
 from mixq.core.modelio import load
 from mixq.core.stwriter import ShardWriter, patch
-from mixq.quant.distill import DistillSettings, Distiller, batch_size, targets, topk_kl
+from mixq.quant.distill import DistillSettings, Distiller, batch_size, streamed_targets, targets, topk_kl
 from mixq.quant.plan import uniform_formats
 from mixq.quant.qweight import round_weight
 
@@ -97,6 +97,53 @@ def test_distillation_is_deterministic(nemotron_moe):
     assert ra["epochs_run"] == rb["epochs_run"]
     for p in ra["tensors"]:
         assert mx.array_equal(a[p].scales, b[p].scales).item() and mx.array_equal(a[p].biases, b[p].biases).item()
+
+
+def _teacher(path):
+    """The float model's targets streamed block by block (as convert gives them)."""
+    lm = load(path)
+    anatomy = describe(lm.model, lm.config)
+    return lambda x, k, bs, on: streamed_targets(lm.runner(retain=False), anatomy, x, k, bs, on)
+
+
+def test_streamed_targets_are_the_whole_models(nemotron_moe):
+    x = mx.array(_tokens(3, 2))
+    whole = targets(load(nemotron_moe).model, x, k=16, bs=2)
+    ticks = []
+    got = _teacher(nemotron_moe)(x, 16, 2, ticks.append)
+    assert got.ids.shape == whole.ids.shape == (3, 32, 16)
+    # the same top 16 (argpartition's order aside) with the same log-probabilities and rest
+    assert mx.allclose(mx.sort(got.logp, axis=-1), mx.sort(whole.logp, axis=-1), atol=1e-4).item()
+    assert mx.allclose(got.rest, whole.rest, atol=1e-4).item()
+    assert mx.array_equal(mx.sort(got.ids, axis=-1), mx.sort(whole.ids, axis=-1)).item()
+    assert sum(ticks) == pytest.approx(3)   # progress in windows
+
+
+def test_a_quantized_student_learns_what_the_float_one_does(nemotron_moe):
+    """The written model's quantized kernels differentiated in its scales and biases, each layer checkpointed:
+    the same run (targets, losses, the values kept) as the float model with the weights dequantized, to float
+    rounding."""
+    import mlx.nn as nn
+
+    st = DistillSettings(windows=4, validation=2, epochs=2, lr=1e-3, batch=2, top_k=16)
+    q = _quantized(nemotron_moe)
+    train, valid = _tokens(4, 0), _tokens(2, 1)
+    ref, rec_f = Distiller(load(nemotron_moe).model, q, st).run(train, valid)
+    student = load(nemotron_moe).model
+    nn.quantize(student, class_predicate=lambda p, m: f"{p}.weight" in q and q[f"{p}.weight"].fmt.quant_kwargs())
+    got, rec_q = Distiller(student, q, DistillSettings(**{**st.__dict__, "student": "quantized"}),
+                           teacher=_teacher(nemotron_moe)).run(train, valid)
+    assert rec_q["student"] == "quantized" and rec_q["kept"] == rec_f["kept"] and rec_q["epoch_kept"] == rec_f["epoch_kept"]
+    # its layers run again inside the backward (only their inputs kept): a fourth forward per training window
+    assert rec_q["window_forwards"] == rec_f["window_forwards"] + 4 * 2
+    for a, b in zip(rec_q["epochs_run"], rec_f["epochs_run"]):
+        assert a["validation_kl"] == pytest.approx(b["validation_kl"], rel=1e-3)
+    assert rec_q["validation_kl_before"] == pytest.approx(rec_f["validation_kl_before"], rel=1e-4)
+    for p in rec_f["tensors"]:
+        assert got[p].wq is q[p].wq
+        assert mx.allclose(got[p].scales.astype(mx.float32), ref[p].scales.astype(mx.float32), rtol=2e-2).item()
+    with pytest.raises(ValueError, match="teacher"):
+        Distiller(student, q, DistillSettings(student="quantized"))
 
 
 def _full_kl(zt, zs):

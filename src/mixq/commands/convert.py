@@ -49,6 +49,10 @@ def add_arguments(p) -> None:
                         "demo for many forwards (benchmarks/distill_vs_dwq.py)")
     p.add_argument("--distill-windows", type=int, default=128, help="training windows for --distill (default 128)")
     p.add_argument("--distill-epochs", type=int, default=4, help="epochs for --distill (default 4)")
+    p.add_argument("--distill-student", default="auto", choices=("auto", "float", "quantized"),
+                   help="how --distill runs the model it tunes: float (weights dequantized in float32, 5 bytes a "
+                        "parameter; fastest on a CPU), quantized (the written model's kernels, about its size), "
+                        "or auto: float where it fits in memory (default)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -71,6 +75,7 @@ def run(args) -> int:
         rounding=args.rounding, sensitivity_method=args.sensitivity_method, dry_run=args.dry_run,
         stream_weights=args.stream_weights, refine=args.refine, distill=args.distill,
         distill_windows=args.distill_windows, distill_epochs=args.distill_epochs,
+        distill_student=args.distill_student,
         sensitivity=args.sensitivity, force=args.force, progress=not args.quiet,
         command=["mixq", "convert", *sys.argv[2:]] if sys.argv[1:2] == ["convert"] else [],
     )
@@ -108,7 +113,7 @@ def run(args) -> int:
               f"{dist['validation_kl_after']:.5f} (" + (f"epoch {dist['epoch_kept']} of {dist['epochs']} kept"
               if dist["kept"] else f"none of {dist['epochs']} epochs beat the written values: kept") + "), held-out KL "
               f"{dist['heldout_kl_before']:.5f} -> {dist['heldout_kl_after']:.5f}, {dist['window_forwards']} "
-              f"window forwards, {dist['seconds']} s")
+              f"window forwards, {dist['student']} student, {dist['seconds']} s")
     skipped = report["refinement"].get("not_measured")
     if skipped:
         print("not measured against the plan (" + skipped["reason"] + "): " + ", ".join(

@@ -13,9 +13,35 @@ layout most mlx-lm models share); every runner is checked against the model's ow
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 from mixq.core.errors import MixqError
+
+
+def layer_container(model) -> tuple:
+    """(the module holding the model's `layers`, its embedding's attribute name): the two wired families."""
+    if hasattr(model, "backbone") and hasattr(model.backbone, "embeddings"):
+        return model.backbone, "embeddings"
+    if hasattr(model, "model") and hasattr(model.model, "embed_tokens") and hasattr(model.model, "norm"):
+        return model.model, "embed_tokens"
+    raise MixqError(f"{type(model).__module__}: layer-wise runner does not know this architecture")
+
+
+def layer_proxy(layer, call):
+    """A module standing in for `layer` in its model's own forward: `call(layer, *args, **kwargs)` runs it.
+    The model's forward reads plain attributes of its layers (block_type, use_sliding, ...): copied."""
+    import mlx.nn as nn
+
+    class Proxy(nn.Module):
+        def __call__(self, *args, **kwargs):
+            return call(layer, *args, **kwargs)
+
+    proxy = Proxy()
+    for k, v in vars(layer).items():
+        if not k.startswith("_") and isinstance(v, (bool, int, float, str)):
+            setattr(proxy, k, v)
+    return proxy
 
 
 class BlockRunner:
@@ -225,20 +251,11 @@ class BlockRunner:
 
         runner, head = self, self.head()
 
-        class Resident(nn.Module):
-            def __init__(self, i, inner):
-                super().__init__()
-                self.i, self.inner = i, inner
-                # the model's forward reads plain attributes of its layers (block_type, use_sliding, ...)
-                for k, v in vars(inner).items():
-                    if not k.startswith("_") and isinstance(v, (bool, int, float, str)) and k not in ("i", "inner"):
-                        setattr(self, k, v)
-
-            def __call__(self, *args, **kwargs):
-                with runner.resident(self.i):
-                    out = self.inner(*args, **kwargs)
-                    mx.eval(out)
-                return out
+        def resident(i, layer, *args, **kwargs):
+            with runner.resident(i):
+                out = layer(*args, **kwargs)
+                mx.eval(out)
+            return out
 
         class Lookup(nn.Module):
             def __call__(self, x):
@@ -251,10 +268,9 @@ class BlockRunner:
             def __call__(self, h):
                 return head.logits(h)
 
-        container = self.model.backbone if self.family == "nemotron_h" else self.model.model
-        emb_name = "embeddings" if self.family == "nemotron_h" else "embed_tokens"
+        container, emb_name = layer_container(self.model)
         saved = {"layers": container.layers, emb_name: getattr(container, emb_name)}
-        container.layers = [Resident(i, l) for i, l in enumerate(saved["layers"])]
+        container.layers = [layer_proxy(l, functools.partial(resident, i)) for i, l in enumerate(saved["layers"])]
         setattr(container, emb_name, Lookup())
         lm_head = None if self.tied else self.model.lm_head
         if lm_head is not None:

@@ -192,6 +192,17 @@ def load(name: str | os.PathLike, *, compute_dtype: str | None = "float32", lazy
                        source_dtypes=source, weights=LazyWeights(path, model))
 
 
+def load_quantized(path: Path, compute_dtype: str = "float32"):
+    """A written quantized model as stock mlx-lm builds it (lazy: arrays are read when used), its floats
+    (scales and biases too) cast to `compute_dtype`; the packed codes stay."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(model_path=Path(path), lazy=True)
+    cast_floats(model, getattr(mx, compute_dtype))
+    return model
+
+
 def fingerprint(path: Path) -> str:
     """sha256 over config.json, every weight file's safetensors header and size, and 16 evenly spaced
     64 KiB samples of its data: content-bound (two fine-tunes of one shape differ) yet cheap on big files."""

@@ -11,24 +11,25 @@ plan. The held-out numbers are measured on the written files. The calibration pa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mixq
 from mixq.core.anatomy import describe
 from mixq.core.errors import MixqError
 from mixq.core.formats import DEFAULT_CANDIDATES, Format, parse_candidates, tensor_bytes
-from mixq.core.modelio import fingerprint, load
+from mixq.core.modelio import fingerprint, load, load_quantized
 from mixq.core.progress import Progress
 from mixq.core.stwriter import MLX_SHARD_BYTES, patch
 from mixq.quant import calibration
 from mixq.quant.apply import verify
 from mixq.quant.calibpass import Calibration, make_rounding
-from mixq.quant.distill import DistillSettings, Distiller
+from mixq.quant.distill import STUDENTS, DistillSettings, Distiller, streamed_targets
 from mixq.quant.evaluate import WrittenModel, evaluate
 from mixq.quant.plan import make_plan, plan_bytes, plan_formats, recipe_formats, uniform_formats
 from mixq.quant.preflight import format_preflight, preflight
@@ -68,6 +69,7 @@ class ConvertOptions:
     distill: bool = False   # then tune every scale and bias end to end on the float model's KL (mixq.quant.distill)
     distill_windows: int = 128
     distill_epochs: int = 4
+    distill_student: str = "auto"   # float, quantized, or auto: the float one where it fits (preflight)
     command: list[str] = field(default_factory=list)
 
 
@@ -98,6 +100,8 @@ def _check_options(opts: ConvertOptions) -> Path:
         raise MixqError("--heldout-samples must be >= 1")
     if opts.distill and (opts.distill_windows < 1 or opts.distill_epochs < 1):
         raise MixqError("--distill-windows and --distill-epochs must be >= 1")
+    if opts.distill_student not in ("auto", *STUDENTS):
+        raise MixqError(f"--distill-student must be auto, {' or '.join(STUDENTS)}, got {opts.distill_student!r}")
     out = Path(opts.out or f"{Path(str(opts.model)).name}-mixq-{opts.target_bpw:g}bpw").expanduser()
     if out.exists() and not opts.force and not opts.dry_run:
         raise MixqError(f"{out} already exists (use --force to replace it)")
@@ -150,7 +154,10 @@ def convert(opts: ConvertOptions) -> dict:
         if opts.distill else None
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
                    batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
-                   stream_weights=opts.stream_weights, distill=distill)
+                   stream_weights=opts.stream_weights, distill=distill, distill_student=opts.distill_student,
+                   target_bpw=opts.target_bpw)
+    if distill is not None:
+        distill = replace(distill, student=pf.distill_student)
     if opts.dry_run:
         return {"dry_run": True, "target_bpw": opts.target_bpw, "preflight": pf.to_dict(),
                 "text": format_preflight(pf, opts.target_bpw)}
@@ -193,7 +200,8 @@ def convert(opts: ConvertOptions) -> dict:
         timings: dict = {}  # stage -> seconds per block
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
                                                      candidates, tmp, prog, timings, cal.references)
-        distillation, undistilled = _distill(opts, distill, lm, docs, tmp, work, prog) if distill else (None, None)
+        distillation, undistilled = _distill(opts, distill, lm, anatomy, runner, docs, tmp, work, prog) \
+            if distill else (None, None)
         plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation)
         _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
@@ -372,10 +380,12 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
     return plan
 
 
-def _distill(opts, st, lm, docs, tmp, work, prog) -> tuple[dict, dict]:
+def _distill(opts, st, lm, anatomy, runner, docs, tmp, work, prog) -> tuple[dict, dict]:
     """End-to-end distillation of the written model's scales and biases (patched into its shards when an
     epoch beats the written values on the validation windows; its targets and epochs kept in `work` for a
-    resumed run). Returns the record and the arrays before."""
+    resumed run). The float model's targets come from `runner` (streamed when the convert streams); the
+    student is the float model loaded lazily or the written model (`st.student`, picked by preflight).
+    Returns the record and the arrays before."""
     import mlx.core as mx
 
     written = WrittenModel(tmp)
@@ -385,9 +395,11 @@ def _distill(opts, st, lm, docs, tmp, work, prog) -> tuple[dict, dict]:
     win = calibration.make_windows(docs, lm.tokenizer, n_samples=st.windows + st.validation, seq_len=opts.seq_len,
                                    seed=opts.seed + 1)
     prog.start("distillation")
-    # the float model (float32, in memory) gives its targets and then becomes the student: one copy held
-    tuned, record = Distiller(load(opts.model).model, before, st, progress=prog).run(
-        win.tokens[st.validation:], win.tokens[:st.validation], state_dir=work / "distill")
+    student = load(opts.model, lazy=True).model if st.student == "float" else load_quantized(tmp)
+    tuned, record = Distiller(student, before, st, progress=prog, teacher=functools.partial(
+        streamed_targets, runner, anatomy)).run(win.tokens[st.validation:], win.tokens[:st.validation],
+                                                state_dir=work / "distill")
+    del student
     prog.end()
     if record["kept"]:
         patch(tmp, {f"{p.rsplit('.', 1)[0]}.{n}": getattr(tuned[p], n) for p in record["tensors"]

@@ -12,8 +12,11 @@ source dtype before they are measured, so what is kept is what `mlx_lm.load` rea
 The float model's targets are computed once, before training: per position its top TOP_K log-probabilities,
 their ids and the mass left outside them (as DWQ stores its top-1024 logits). The loss is the KL between the
 two distributions over those k ids plus one bucket for the rest of the vocabulary: a lower bound of the full KL,
-equal to it when the float model's tail is empty. The float model itself then becomes the student (its affine
-weights replaced by the quantized ones at every step), so one copy of the model is ever held.
+equal to it when the float model's tail is empty. In a convert they come from the convert's own block runner
+(`streamed_targets`: every window through one block before the next, so a streamed model is never whole in
+memory). The student is then either the float model, lazily loaded, with its quantized tensors' weights
+dequantized from the codes at every step ("float"), or the written model running mlx's quantized kernels
+("quantized"); preflight picks the float one where it fits (`--distill-student`).
 
 Measured (`benchmarks/distill_vs_dwq.py`, the defaults: 128 + 16 windows of 256 tokens, 4 epochs, lr 3e-4):
 see README ("--distill"). Scales and biases are the limit: the training windows' own KL falls only to ~0.7x
@@ -23,10 +26,12 @@ with 79k codes moved (step 0.002), 2.1x with 220k (step 0.01), against 0.81x for
 
 Resumable: the targets and each finished epoch are kept in the convert's work dir (`mixq.quant.distill_state`).
 
-Cost: one float forward per window for the targets; per training window and epoch a quantized forward and its
-backward; the step dequantizes every tensor to float32 from its codes (on the CPU several times faster than
-differentiating mlx's quantized matmul). Memory: the model in float32, the codes (a byte a weight), the targets
-(8 bytes x TOP_K a position) and the activations of one batch.
+Cost: one float forward per window for the targets; per training window and epoch a student forward and its
+backward. The float student is several times faster on a CPU (float32 GEMMs against mlx's CPU quantized matmul:
+2.0 vs 12.1 s a step of 8 x 256 tokens on the demo, the same loss and gradients); it holds the weights in
+float32 and the codes (5 bytes a parameter). The quantized student holds the written arrays (about the
+written size). Both hold the tuned state (~14 float32 values a group), the targets (8 bytes x TOP_K a
+position) and one batch's activations.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from mixq.core.forward import layer_container, layer_proxy
 from mixq.quant.distill_state import DistillState, state_key
 from mixq.quant.scalebias import ScaleBias, tunable
 
@@ -41,6 +47,7 @@ DISTILL_VERSION = "distill-scale-bias-v2"
 LOGITS_BYTES = 1 << 30   # float32 logits (and their softmax temporaries) of one batch
 TOP_K = 1024             # the float model's log-probabilities kept per position (DWQ keeps 1024 logits)
 TINY = 1e-30
+STUDENTS = ("float", "quantized")
 
 
 @dataclass
@@ -52,15 +59,19 @@ class DistillSettings:
     batch: int = 8
     seed: int = 0
     top_k: int = TOP_K      # float model's log-probabilities kept per position
+    student: str = "float"  # how the quantized model runs while it learns (Distiller; preflight picks by memory)
 
     def __post_init__(self):
+        if self.student not in STUDENTS:
+            raise ValueError(f"distillation: student is one of {', '.join(STUDENTS)} (got {self.student!r})")
         if self.windows < 1 or self.validation < 1 or self.epochs < 0 or self.lr < 0 or self.batch < 1 \
                 or self.top_k < 1:
             raise ValueError(f"distillation: windows, validation, batch and top_k >= 1, epochs and lr >= 0 (got {self})")
 
     def to_dict(self) -> dict:
         return {"method": DISTILL_VERSION, "windows": self.windows, "validation": self.validation,
-                "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed, "top_k": self.top_k}
+                "epochs": self.epochs, "lr": self.lr, "batch": self.batch, "seed": self.seed, "top_k": self.top_k,
+                "student": self.student}
 
 
 def batch_size(settings: DistillSettings, seq_len: int, vocab: int) -> int:
@@ -89,25 +100,51 @@ class Targets:
         return Targets(self.ids[sl], self.logp[sl], self.rest[sl])
 
 
+def _top(z, k: int) -> tuple:
+    """(ids, log-probabilities, log-mass outside them) of the top `k` of logits `z`, evaluated."""
+    import mlx.core as mx
+
+    z = z.astype(mx.float32)
+    kk = min(k, z.shape[-1])
+    idx = mx.argpartition(-z, kth=kk - 1, axis=-1)[..., :kk] if kk < z.shape[-1] else \
+        mx.broadcast_to(mx.arange(kk), z.shape)
+    zk = mx.take_along_axis(z, idx, axis=-1)
+    lse = mx.logsumexp(z, axis=-1, keepdims=True)
+    out = (idx.astype(mx.int32), zk - lse, _log_rest(mx.logsumexp(zk, axis=-1), lse[..., 0]))
+    mx.eval(out)
+    return out
+
+
+def _joined(parts: list) -> Targets:
+    import mlx.core as mx
+
+    return Targets(*(mx.concatenate([p[j] for p in parts]) for j in range(3)))
+
+
 def targets(model, tokens, k: int, bs: int, on_batch=None) -> Targets:
     """The float `model`'s top-k targets on (n, L) `tokens`, `bs` windows at a time (`on_batch(windows)`
     after each batch)."""
-    import mlx.core as mx
-
-    ids, logp, rest = [], [], []
+    parts = []
     for i in range(0, tokens.shape[0], bs):
-        z = model(tokens[i:i + bs]).astype(mx.float32)
-        kk = min(k, z.shape[-1])
-        idx = mx.argpartition(-z, kth=kk - 1, axis=-1)[..., :kk] if kk < z.shape[-1] else \
-            mx.broadcast_to(mx.arange(kk), z.shape)
-        zk = mx.take_along_axis(z, idx, axis=-1)
-        lse = mx.logsumexp(z, axis=-1, keepdims=True)
-        ids.append(idx.astype(mx.int32)), logp.append(zk - lse)
-        rest.append(_log_rest(mx.logsumexp(zk, axis=-1), lse[..., 0]))
-        mx.eval(ids[-1], logp[-1], rest[-1])
+        parts.append(_top(model(tokens[i:i + bs]), k))
         if on_batch is not None:
-            on_batch(z.shape[0])
-    return Targets(mx.concatenate(ids), mx.concatenate(logp), mx.concatenate(rest))
+            on_batch(parts[-1][0].shape[0])
+    return _joined(parts)
+
+
+def streamed_targets(runner, anatomy, tokens, k: int, bs: int, on_batch=None) -> Targets:
+    """The same targets from a `core.forward.BlockRunner`: every window through one float block before the
+    next (a streaming runner holds one block, never the model), then the head batch by batch. `on_batch`
+    sees the forwards done in window units (fractions while the blocks run)."""
+    from mixq.quant.sweep import ForwardSweep
+
+    n = int(tokens.shape[0])
+    tick = (lambda done, total, _: on_batch(n / total)) if on_batch is not None else None
+    final = ForwardSweep(runner, anatomy, tokens, batch_size=bs, progress=tick).run([], head=False).final
+    head, parts = runner.head(), []
+    for h in final:
+        parts.append(_top(head.logits(runner.norm(h)), k))
+    return _joined(parts)
 
 
 def topk_kl(t: Targets, zs):
@@ -124,41 +161,73 @@ def topk_kl(t: Targets, zs):
 
 @dataclass
 class Distiller:
-    """`model`: the float model (an mlx-lm model in float32). It gives the targets, then becomes the student:
-    its quantized tensors' weights are replaced from the written codes (so hand it over: it is changed).
-    `quantized`: path -> QuantizedWeight as written."""
+    """`model`, by `settings.student`:
+    - "float": the float model (an mlx-lm model in float32, lazily loaded is best): its quantized tensors'
+      weights are replaced from the written codes at every step (dequantized in float32: on a CPU several
+      times faster than differentiating the quantized matmul; 5 bytes a parameter);
+    - "quantized": the written model as mlx-lm loads it (floats in float32): its tuned scales and biases are
+      set at every step and the quantized kernels run (memory about the written size).
+    Either is changed: hand it over. `quantized`: path -> QuantizedWeight as written. `teacher(tokens, k, bs,
+    on_batch) -> Targets`: the float model's targets (`streamed_targets` over a runner); None: a float
+    `model` gives them itself before it becomes the student."""
 
     model: object
     quantized: dict
     settings: DistillSettings = field(default_factory=DistillSettings)
     progress: object = None
+    teacher: object = None
 
     def __post_init__(self):
+        if self.teacher is None and self.settings.student != "float":
+            raise ValueError("a quantized student needs a teacher for its targets")
         self.model.freeze()
         self.tuned = tunable(self.quantized)
         self.sb = ScaleBias(self.tuned)
 
     def _become_student(self) -> None:
-        """Microscaled formats run as written (not tuned); the affine ones are set by `_set` at every step."""
+        """The written arrays in the model: a float student runs the microscaled formats dequantized (not
+        tuned; the affine ones are set by `_set` at every step); a quantized one shares the written arrays."""
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        fixed = [(p, q.full(mx.float32)) for p, q in self.quantized.items() if p not in self.tuned]
-        if fixed:
-            self.model.update(tree_unflatten(fixed))
-            mx.eval([a for _, a in fixed])
+        if self.settings.student == "float":
+            new = [(p, q.full(mx.float32)) for p, q in self.quantized.items() if p not in self.tuned]
+        else:   # the packed codes the QuantizedWeights hold: one copy of them
+            new = [(f"{p.rsplit('.', 1)[0]}.{n}", a) for p, q in self.quantized.items()
+                   for n, a in (("weight", q.wq), ("scales", q.scales), ("biases", q.biases)) if a is not None]
+        if new:
+            self.model.update(tree_unflatten(new))
+            mx.eval([a for _, a in new])
 
     def _set(self, params, cast: bool) -> None:
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        self.model.update(tree_unflatten(self.sb.weights(params, cast, mx.float32)))
+        if self.settings.student == "float":
+            new = self.sb.weights(params, cast, mx.float32)
+        else:
+            new = [(f"{p.rsplit('.', 1)[0]}.{n}", a) for p, (s, b) in self.sb.values(params, cast).items()
+                   for n, a in (("scales", s), ("biases", b))]
+        self.model.update(tree_unflatten(new))
 
-    def _tick(self, forwards: int) -> None:
+    def _forward(self, x):
+        """The student's logits for a training step: the quantized student keeps only each layer's input for
+        the backward (the layer runs again there), so its activations are a block's, not the model's."""
+        if self.settings.student == "float":
+            return self.model(x)
+        container, _ = layer_container(self.model)
+        layers = container.layers
+        container.layers = [layer_proxy(layer, _checkpointed) for layer in layers]
+        try:
+            return self.model(x)
+        finally:
+            container.layers = layers
+
+    def _tick(self, forwards: float) -> None:
         """Progress in window forwards (the record's unit of cost), with the stage's ETA."""
-        self._done += forwards
+        self._done += forwards   # fractions while a streamed teacher's blocks run
         if self.progress is not None:
-            self.progress.update(self._done, self._total, "window forwards")
+            self.progress.update(round(self._done), self._total, "window forwards")
 
     def _kl(self, params, tokens, tg: Targets, bs: int) -> float:
         import mlx.core as mx
@@ -179,8 +248,9 @@ class Distiller:
         got = state.targets()
         if got is None:
             got = {}
+            teach = self.teacher or (lambda x, k, b, on: targets(self.model, x, k, b, on))
             for name, x in (("train", train), ("valid", valid)):
-                t = targets(self.model, x, self.settings.top_k, bs, self._tick)
+                t = teach(x, self.settings.top_k, bs, self._tick)
                 got[name] = {"ids": t.ids, "logp": t.logp, "rest": t.rest}
             state.save_targets(got)
         else:
@@ -199,7 +269,7 @@ class Distiller:
         st = self.settings
         train, valid = mx.array(np.asarray(train)), mx.array(np.asarray(valid))
         state = DistillState(state_dir, state_key(st.to_dict(), train, valid, self.tuned))
-        vocab = int(self.model(valid[:1, :2]).shape[-1])
+        vocab = _vocab(self.model)
         bs = batch_size(st, int(train.shape[1]), vocab)
         n_train, n_valid = int(train.shape[0]), int(valid.shape[0])
         self._done, self._total = 0, window_forwards(st, n_train, n_valid)
@@ -215,7 +285,7 @@ class Distiller:
 
         def loss_fn(params, x, tg):
             self._set(params, cast=False)
-            return topk_kl(tg, self.model(x)).mean()
+            return topk_kl(tg, self._forward(x)).mean()
 
         grad = mx.value_and_grad(loss_fn)
         rng = np.random.default_rng([st.seed, 17])
@@ -237,7 +307,7 @@ class Distiller:
                 params = opt.apply_gradients(g, params)
                 mx.eval(params, opt.state, loss)
                 total += float(loss.item()) * (b - a)
-                self._tick(3 * (b - a))   # a forward and its backward
+                self._tick(step_forwards(st) * (b - a))
             val = self._kl(params, valid, t_valid, bs)
             epochs.append({"epoch": e + 1, "train_kl": float(f"{total / train.shape[0]:.6g}"),
                            "validation_kl": float(f"{val:.6g}")})
@@ -259,12 +329,46 @@ class Distiller:
             # whole-model forwards over one window: the float model's once per window (the targets); per
             # training window and epoch a quantized forward and its backward (two); on the validation windows
             # before training and after each epoch
-            "window_forwards": self._done,
+            "window_forwards": round(self._done),
             "seconds": round(time.perf_counter() - t0, 2),
         }
         return out, record
 
 
+def _vocab(model) -> int:
+    """The output rows (the head's, else the embedding's: tied) from the parameters' shapes: nothing is run or
+    read (a lazily loaded student stays unread)."""
+    from mlx.utils import tree_flatten
+
+    shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    for suffix in ("lm_head.weight", "embeddings.weight", "embed_tokens.weight"):
+        got = [s[0] for k, s in shapes.items() if k.endswith(suffix)]
+        if got:
+            return int(got[0])
+    raise ValueError("distillation: no head or embedding among the model's parameters")
+
+
+def step_forwards(st: DistillSettings) -> int:
+    """Window forwards a training window costs: a forward and its backward (two), and for the quantized
+    student the layers' second forward inside the backward (checkpointed)."""
+    return 3 + (st.student == "quantized")
+
+
 def window_forwards(st: DistillSettings, n_train: int, n_valid: int) -> int:
     """Whole-model forwards over one window a run costs (a backward counted as two)."""
-    return n_train + n_valid + 3 * n_train * st.epochs + n_valid * (st.epochs + 1)
+    return n_train + n_valid + step_forwards(st) * n_train * st.epochs + n_valid * (st.epochs + 1)
+
+
+def _checkpointed(layer, x, *args, **kwargs):
+    """`layer(x, ...)` with only its input kept for the backward (its activations are recomputed there); its
+    floating arrays are explicit inputs, so their cotangents reach the tuned scales and biases."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    floats = {k: v for k, v in tree_flatten(layer.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+
+    def run(arrays, h):
+        layer.update(tree_unflatten(list(arrays.items())))
+        return layer(h, *args, **kwargs)
+
+    return mx.checkpoint(run)(floats, x)

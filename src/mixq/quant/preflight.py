@@ -22,6 +22,7 @@ ACTIVATIONS_PER_BLOCK = 24   # hidden-wide float32 arrays a block keeps per toke
 STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto streams
 PROCESS_BASE = 600 << 20     # python, mlx, tokenizer, code (measured RSS before any weight: ~0.5 GB)
 GPTQ_CHUNK = 256 << 20       # row-chunk working set of one GPTQ call (mixq.quant.gptq)
+TUNED_GROUP_BYTES = 56       # --distill per group: 14 float32 values (starts, parameters, gradients, Adam, best)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Preflight:
     memory: dict = field(default_factory=dict)   # component -> bytes
     available: int | None = None
     stream_weights: bool = False
+    distill_student: str | None = None   # how --distill's student runs (distill.STUDENTS), None without it
 
     @property
     def min_bpw(self) -> float:
@@ -71,6 +73,7 @@ class Preflight:
         return {"params": self.params, "stored_bytes": self.stored_bytes, "fixed_bytes": self.fixed_bytes,
                 "feasible_bpw": [self.min_bpw, self.max_bpw], "memory": dict(self.memory), "peak_bytes": self.peak,
                 "available_bytes": self.available, "stream_weights": self.stream_weights,
+                "distill_student": self.distill_student,
                 "tensors": [{"path": t.path, "shape": t.shape, "dtype": t.dtype, "candidates": t.candidates}
                             for t in self.tensors]}
 
@@ -152,10 +155,12 @@ def _rounding_bytes(anatomy, candidates) -> int:
 def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
               batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4,
               stream_weights: str = "auto", available: int | None = -1,
-              distill: DistillSettings | None = None) -> Preflight:
+              distill: DistillSettings | None = None, distill_student: str = "auto",
+              target_bpw: float | None = None) -> Preflight:
     """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `top_k`: routed experts
     per token (their input rows are kept for a block); `distill`: the end-to-end stage's settings
-    (mixq.quant.distill), None without it."""
+    (mixq.quant.distill), None without it; `distill_student` "auto": the float student where it fits in
+    `available`, else the quantized one (the written size at `target_bpw` instead of 5 bytes a parameter)."""
     params = anatomy.mlx_lm_params
     fixed = fixed_bytes(anatomy, source_dtypes)
     tensors, lo, hi = [], fixed, fixed
@@ -190,14 +195,14 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     }
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
         mem["router flips"] = act
-    if distill is not None:   # the model in float32 and the codes; the targets; a batch's activations and logits
-        b_tokens = distill_batch(distill, seq_len, vocab) * seq_len
-        targets = 8 * min(distill.top_k, vocab) * (distill.windows + distill.validation) * seq_len
-        mem["distillation"] = 5 * params + targets + \
-            ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden * n_blocks + min(LOGITS_BYTES, 16 * b_tokens * vocab)
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available
+    student = None
+    if distill is not None:   # sized as if the weights stream unless told otherwise (resident only with room)
+        student, mem["distillation"] = _distillation(
+            distill, distill_student, params, candidates, hi if target_bpw is None else int(target_bpw * params / 8),
+            seq_len, hidden, vocab, n_blocks, avail, sum(mem.values()) + (stored if stream_weights == "off" else 0))
     if stream_weights == "on":
         streaming = True
     elif stream_weights == "off":
@@ -208,7 +213,26 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     if not streaming:
         mem["weights (stored dtype)"] = stored
     return Preflight(tensors=tensors, fixed_bytes=fixed, params=params, stored_bytes=stored, min_bytes=lo,
-                     max_bytes=hi, memory=mem, available=avail, stream_weights=streaming)
+                     max_bytes=hi, memory=mem, available=avail, stream_weights=streaming,
+                     distill_student=student)
+
+
+def _distillation(st: DistillSettings, student: str, params: int, candidates, written: int, seq_len: int,
+                  hidden: int, vocab: int, n_blocks: int, avail: int | None, others: int) -> tuple[str, int]:
+    """The student --distill runs and its memory: the written arrays, the tuned state per group, the
+    targets and a batch's logits; the float student adds the weights in float32 and the codes (5 bytes a
+    parameter) and every block's activations, the quantized one (checkpointed) every block's input and one
+    block's activations. "auto": the float student (faster on a CPU) where it fits."""
+    b_tokens = distill_batch(st, seq_len, vocab) * seq_len
+    group = min((f.group_size for f in candidates if f.is_quantized and f.mode == "affine"), default=64)   # tuned
+    common = written + TUNED_GROUP_BYTES * params // group + \
+        8 * min(st.top_k, vocab) * (st.windows + st.validation) * seq_len + min(LOGITS_BYTES, 16 * b_tokens * vocab)
+    block = ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden
+    as_float = common + 5 * params + block * n_blocks
+    as_quantized = common + 4 * b_tokens * hidden * n_blocks + block
+    if student == "auto":
+        student = "float" if avail is None or others + as_float <= avail else "quantized"
+    return student, as_float if student == "float" else as_quantized
 
 
 def format_preflight(pf: Preflight, target_bpw: float | None = None) -> str:

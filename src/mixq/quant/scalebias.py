@@ -33,10 +33,20 @@ class ScaleBias:
         import mlx.core as mx
 
         self.qs = qs
-        self.codes = {p: codes_of(q) for p, q in qs.items()}
+        self._codes = None   # unpacked when first needed: a quantized student never needs them
         self.s0 = {p: q.scales.astype(mx.float32) for p, q in qs.items()}
         self.b0 = {p: q.biases.astype(mx.float32) for p, q in qs.items()}
-        mx.eval(self.codes, self.s0, self.b0)
+        mx.eval(self.s0, self.b0)
+
+    @property
+    def codes(self) -> dict:
+        """path -> the integer codes (uint8, a byte a weight)."""
+        import mlx.core as mx
+
+        if self._codes is None:
+            self._codes = {p: codes_of(q) for p, q in self.qs.items()}
+            mx.eval(self._codes)
+        return self._codes
 
     def zeros(self) -> dict:
         """The starting parameters (the written values): path -> {"a", "c"}."""

@@ -215,13 +215,15 @@ class ForwardSweep:
 
     def run(self, streams: list[Stream], *, references: list | None = None, grams: bool = False,
             keep_inputs: bool = False, sample_key=None, hessians: HessianMap | None = None,
-            on_rounded=None, gram_blocks=None, compare_positions: list | None = None) -> SweepResult:
+            on_rounded=None, gram_blocks=None, compare_positions: list | None = None,
+            head: bool = True) -> SweepResult:
         """Run the float stream and `streams`; compare each stream with the float reference (computed here
         unless `references` is given). `hessians` receives each block's float Grams (grams=True) before
         the streams of that block are rounded. `on_rounded(stream, path, QuantizedWeight)` sees every
         rounded tensor (the writer). `gram_blocks`: the blocks whose Grams are recorded (default all).
         `compare_positions`: per batch, the flat positions the streams are compared on (`core.head.
-        sample_positions`; default all); the references themselves always cover every position."""
+        sample_positions`; default all); the references themselves always cover every position. `head=False`:
+        the float blocks only (no head, no streams): `final` holds their last hidden states."""
         import mlx.core as mx
 
         t0 = time.perf_counter()
@@ -233,6 +235,8 @@ class ForwardSweep:
         inputs = [] if keep_inputs else None
         # the float model runs only for what needs it: the reference, labels, block inputs, streams that
         # branch off later, or Grams not kept from an earlier sweep
+        if not head and streams:
+            raise ValueError("a sweep without the head runs no streams")
         float_run = references is None or keep_inputs or sample_key is not None or \
             any((starts[s.name] > 0 and s.measure) or s.tuner is not None for s in streams) or \
             (grams and hessians is not None and not hessians.kept_all(range(n)))
@@ -281,6 +285,9 @@ class ForwardSweep:
         if hessians is not None:
             hessians.set_block(None, {})
         final = h if float_run else None
+        if not head:
+            return SweepResult(references=None, streams={}, inputs=inputs, final=final, labels=None, head_gram=None,
+                               block_forwards=bf, seconds=time.perf_counter() - t0, block_seconds=block_seconds)
         hn = [r.norm(x) for x in final] if float_run else None
         if hn is not None:
             mx.eval(hn)
