@@ -170,27 +170,7 @@ def convert(opts: ConvertOptions) -> dict:
     prog.end()
     runner = lm.runner(retain=not pf.stream_weights)
     work = out.with_name(out.name + ".mixq-work")
-    # solved roundings kept for the write sweep live in files: in memory they were a third of a 9B slice's
-    # memory beyond its weights
-    rounding, hessians = make_rounding(anatomy, opts.rounding, spill=work / "rounded")
-    key = {
-        "method": METHODS[opts.sensitivity_method], "rounding": rounding.settings(), "model": fingerprint(lm.path),
-        "candidates": [str(c) for c in candidates], "calibration_sha256": windows.sha256, "samples": opts.samples,
-        "seq_len": opts.seq_len, "seed": opts.seed, "compute_dtype": "float32",
-        **({"target_bpw": opts.target_bpw} if opts.sensitivity_method == "estimate" else {}),
-    }
-    cal = Calibration(runner, anatomy, windows.tokens, candidates, rounding=rounding, hessians=hessians,
-                      method=opts.sensitivity_method, target_bpw=opts.target_bpw, source_dtypes=lm.source_dtypes,
-                      seed=opts.seed, batch_size=opts.batch_size, partial=work / "sensitivity.partial.jsonl",
-                      key=key, progress=prog)
-    if opts.sensitivity:
-        sens = load_sensitivity(opts.sensitivity, key)
-        prog.log(f"sensitivity: reusing {opts.sensitivity}")
-        cal.prepare_rounding()
-    else:
-        prog.log(f"sensitivity ({opts.sensitivity_method}): {len(cal.items)} tensors x "
-                 f"{len(cal.candidates)} formats on {opts.samples} x {opts.seq_len} calibration tokens")
-        sens = {"format": FORMAT, "key": key, **cal.run()}
+    sens, key, cal, rounding, hessians = _sensitivity(opts, lm, anatomy, runner, windows, candidates, work, prog)
     plan = make_plan(anatomy, sens, candidates, opts.target_bpw, lm.source_dtypes)
 
     tmp = out.with_name(f".{out.name}.mixq-tmp-{os.getpid()}")
@@ -216,24 +196,8 @@ def convert(opts: ConvertOptions) -> dict:
         on_disk = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
         rows[0]["disk_bytes"] = on_disk
         prog.end()
-        report = {
-            "out": str(out), "disk_bytes": on_disk,
-            "plan": {k: plan_doc[k] for k in ("target_bpw", "achieved_bpw", "total_bytes", "predicted_kl",
-                                              "measured_kl_calibration")},
-            "comparison": rows, "verify": check, "sensitivity_method": sens["method"],
-            "sensitivity_cost": sens["cost"], "calibration_fit": sens.get("calibration"),
-            "refinement": refinement, "allocation": plan_doc["allocation"], "tuning": _tuning_summary(plan_doc),
-            "distillation": None if distillation is None else {
-                k: v for k, v in distillation.items() if k not in ("tensors", "epochs_run")},
-            "preflight": {
-                k: v for k, v in pf.to_dict().items() if k != "tensors"},
-            "rounding": {**rounding.settings(), "tensors": {k: sum(1 for e in plan_doc["tensors"].values()
-                                                                   if e["rounding"] == k)
-                                                            for k in ("gptq", "rtn", "float")}},
-            "seconds": {**{k: round(v, 1) for k, v in prog.seconds.items()},
-                        "total": round(time.perf_counter() - t_start, 1)},
-            "block_seconds": {**sens["cost"].get("block_seconds", {}), **timings},
-        }
+        report = _report(out, on_disk, plan_doc, rows, check, sens, refinement, distillation, pf, rounding, prog,
+                         t_start, timings)
         _dump(report, tmp / "mixq" / "report.json")
         if out.exists():
             shutil.rmtree(out)
@@ -243,6 +207,56 @@ def convert(opts: ConvertOptions) -> dict:
         raise
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _sensitivity(opts, lm, anatomy, runner, windows, candidates, work, prog) -> tuple:
+    """The sensitivity stage (measured, or read from --sensitivity under the same key): (sensitivity doc,
+    key, the Calibration with its references, the rounding and the Hessians the write reuses)."""
+    # solved roundings kept for the write sweep live in files: in memory they were a third of a 9B slice's
+    # memory beyond its weights
+    rounding, hessians = make_rounding(anatomy, opts.rounding, spill=work / "rounded")
+    key = {
+        "method": METHODS[opts.sensitivity_method], "rounding": rounding.settings(), "model": fingerprint(lm.path),
+        "candidates": [str(c) for c in candidates], "calibration_sha256": windows.sha256, "samples": opts.samples,
+        "seq_len": opts.seq_len, "seed": opts.seed, "compute_dtype": "float32",
+        **({"target_bpw": opts.target_bpw} if opts.sensitivity_method == "estimate" else {}),
+    }
+    cal = Calibration(runner, anatomy, windows.tokens, candidates, rounding=rounding, hessians=hessians,
+                      method=opts.sensitivity_method, target_bpw=opts.target_bpw, source_dtypes=lm.source_dtypes,
+                      seed=opts.seed, batch_size=opts.batch_size, partial=work / "sensitivity.partial.jsonl",
+                      key=key, progress=prog)
+    if opts.sensitivity:
+        sens = load_sensitivity(opts.sensitivity, key)
+        prog.log(f"sensitivity: reusing {opts.sensitivity}")
+        cal.prepare_rounding()
+    else:
+        prog.log(f"sensitivity ({opts.sensitivity_method}): {len(cal.items)} tensors x "
+                 f"{len(cal.candidates)} formats on {opts.samples} x {opts.seq_len} calibration tokens")
+        sens = {"format": FORMAT, "key": key, **cal.run()}
+    return sens, key, cal, rounding, hessians
+
+
+def _report(out, on_disk, plan_doc, rows, check, sens, refinement, distillation, pf, rounding, prog, t_start,
+            timings) -> dict:
+    """report.json (and what the CLI prints): the plan, the held-out rows, each stage's cost."""
+    return {
+        "out": str(out), "disk_bytes": on_disk,
+        "plan": {k: plan_doc[k] for k in ("target_bpw", "achieved_bpw", "total_bytes", "predicted_kl",
+                                          "measured_kl_calibration")},
+        "comparison": rows, "verify": check, "sensitivity_method": sens["method"],
+        "sensitivity_cost": sens["cost"], "calibration_fit": sens.get("calibration"),
+        "refinement": refinement, "allocation": plan_doc["allocation"], "tuning": _tuning_summary(plan_doc),
+        "distillation": None if distillation is None else {
+            k: v for k, v in distillation.items() if k not in ("tensors", "epochs_run")},
+        "preflight": {
+            k: v for k, v in pf.to_dict().items() if k != "tensors"},
+        "rounding": {**rounding.settings(), "tensors": {k: sum(1 for e in plan_doc["tensors"].values()
+                                                               if e["rounding"] == k)
+                                                        for k in ("gptq", "rtn", "float")}},
+        "seconds": {**{k: round(v, 1) for k, v in prog.seconds.items()},
+                    "total": round(time.perf_counter() - t_start, 1)},
+        "block_seconds": {**sens["cost"].get("block_seconds", {}), **timings},
+    }
 
 
 def _tuning_summary(plan_doc: dict) -> dict | None:

@@ -4,10 +4,11 @@ GPTQ and the allocation minimise each tensor's error on its own; what reaches th
 those errors carried through every later block. Here the quantized model runs whole on calibration windows
 and every affine tensor's per-group scale and bias is tuned (Adam) on the KL from the float model's
 next-token distribution, as mlx-lm's DWQ does (the integer codes stay as written), with three differences:
-it starts from mixq's arrays (GPTQ, mixed formats), the parameters are relative (scale s0 (1 + a), bias
-b0 + c s0: one learning rate fits groups of any magnitude), and windows held aside from the training
-windows pick the epoch that is kept (the written values stay when no epoch beats them). Tuned values are cast to the
-source dtype before they are measured, so what is kept is what `mlx_lm.load` reads.
+it starts from mixq's arrays (GPTQ, mixed formats), the parameters are relative (scale s0 (1 + 2^(4 - bits) a),
+bias b0 + c s0: one learning rate fits groups of any magnitude and tensors of any width, `scalebias`), and
+windows held aside from the training windows pick the epoch that is kept (the written values stay when no
+epoch beats them). Tuned values are cast to the source dtype before they are measured, so what is kept is what
+`mlx_lm.load` reads; only tensors whose stored values moved are recorded and patched.
 
 The float model's targets are computed once, before training: per position its top TOP_K log-probabilities,
 their ids and the mass left outside them (as DWQ stores its top-1024 logits). The loss is the KL between the
@@ -43,7 +44,7 @@ from mixq.core.forward import layer_container, layer_proxy
 from mixq.quant.distill_state import DistillState, state_key
 from mixq.quant.scalebias import ScaleBias, tunable
 
-DISTILL_VERSION = "distill-scale-bias-v2"
+DISTILL_VERSION = "distill-scale-bias-v3"
 LOGITS_BYTES = 1 << 30   # float32 logits (and their softmax temporaries) of one batch
 TOP_K = 1024             # the float model's log-probabilities kept per position (DWQ keeps 1024 logits)
 TINY = 1e-30
@@ -105,9 +106,9 @@ def _top(z, k: int) -> tuple:
     import mlx.core as mx
 
     z = z.astype(mx.float32)
-    kk = min(k, z.shape[-1])
-    idx = mx.argpartition(-z, kth=kk - 1, axis=-1)[..., :kk] if kk < z.shape[-1] else \
-        mx.broadcast_to(mx.arange(kk), z.shape)
+    v = z.shape[-1]
+    kk = min(k, v)   # the top kk without negating z (a vocabulary-wide copy)
+    idx = mx.argpartition(z, kth=v - kk, axis=-1)[..., v - kk:] if kk < v else mx.broadcast_to(mx.arange(kk), z.shape)
     zk = mx.take_along_axis(z, idx, axis=-1)
     lse = mx.logsumexp(z, axis=-1, keepdims=True)
     out = (idx.astype(mx.int32), zk - lse, _log_rest(mx.logsumexp(zk, axis=-1), lse[..., 0]))
@@ -182,7 +183,7 @@ class Distiller:
             raise ValueError("a quantized student needs a teacher for its targets")
         self.model.freeze()
         self.tuned = tunable(self.quantized)
-        self.sb = ScaleBias(self.tuned)
+        self.sb = ScaleBias(self.tuned, by_bits=True)
 
     def _become_student(self) -> None:
         """The written arrays in the model: a float student runs the microscaled formats dequantized (not
@@ -317,9 +318,13 @@ class Distiller:
                               "rng": rng.bit_generator.state},
                              {"params": params, "opt": opt.state, **({"best": best_params} if best_params else {})})
         kept = best_params is not None
-        out = {**self.quantized, **(self.sb.quantized(best_params) if kept else {})}
+        # the tensors whose source-dtype values moved (a small step can round back to the written value)
+        changed = {p: q for p, q in (self.sb.quantized(best_params) if kept else {}).items()
+                   if not (mx.array_equal(q.scales, self.tuned[p].scales).item()
+                           and mx.array_equal(q.biases, self.tuned[p].biases).item())}
+        out = {**self.quantized, **changed}
         record = {
-            **st.to_dict(), "batch": bs, "tensors": sorted(self.tuned), "steps": steps,
+            **st.to_dict(), "batch": bs, "tensors": sorted(changed), "tuned": len(self.tuned), "steps": steps,
             "validation_kl_before": float(f"{start:.6g}"), "validation_kl_after": float(f"{best:.6g}"),
             "kept": kept, "epoch_kept": best_epoch,
             # how much of the float model's probability its top-k ids hold (validation windows): the KL

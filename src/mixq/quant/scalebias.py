@@ -2,8 +2,11 @@
 (`mixq.quant.tune`) and end-to-end distillation (`mixq.quant.distill`) both optimise.
 
 Each group's scale and bias are relative to the written ones, s0 (1 + a) and b0 + c s0 (a = c = 0 at the
-start), so one learning rate fits groups of any magnitude. With `cast`, values pass through the source dtype
-first: what is measured is what `mlx_lm.load` will read.
+start), so one learning rate fits groups of any magnitude. With `by_bits` the scale's is s0 (1 + 2^(4 - bits) a):
+a relative change of the scale moves a weight by a x code x s0, up to a x the group's range (2^bits steps),
+while the error it can correct is about a step, so the useful change of `a` halves with every bit (one
+learning rate then fits 4- to 8-bit tensors; the bias's c is in steps already). With `cast`, values pass
+through the source dtype first: what is measured is what `mlx_lm.load` will read.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ def codes_of(q: QuantizedWeight):
 class ScaleBias:
     """`qs`: path -> QuantizedWeight (affine with biases: `tunable`). Holds their codes and starting values."""
 
-    def __init__(self, qs: dict):
+    def __init__(self, qs: dict, by_bits: bool = False):
         import mlx.core as mx
 
         self.qs = qs
+        self.k = {p: 2.0 ** (4 - q.fmt.bits) if by_bits else 1.0 for p, q in qs.items()}
         self._codes = None   # unpacked when first needed: a quantized student never needs them
         self.s0 = {p: q.scales.astype(mx.float32) for p, q in qs.items()}
         self.b0 = {p: q.biases.astype(mx.float32) for p, q in qs.items()}
@@ -60,7 +64,7 @@ class ScaleBias:
 
         out = {}
         for p, q in self.qs.items():
-            s = self.s0[p] * (1.0 + params[p]["a"])
+            s = self.s0[p] * (1.0 + self.k[p] * params[p]["a"])
             b = self.b0[p] + params[p]["c"] * self.s0[p]
             if cast:
                 s, b = s.astype(q.scales.dtype).astype(mx.float32), b.astype(q.biases.dtype).astype(mx.float32)
