@@ -61,24 +61,12 @@ class BlockRunner:
         self.source, self.retain = source, retain or source is None
         self._held: dict = {}  # prefix -> stored arrays of a module while it is resident
         self._over: dict = {}  # prefix -> overrides of a module while it is resident
-        if hasattr(model, "backbone") and hasattr(model.backbone, "embeddings"):
-            inner = model.backbone
-            self.family = "nemotron_h"
-            self.embedding = inner.embeddings
-            self.final_norm = inner.norm_f
-            self.embed_path = "backbone.embeddings"
-            self.layers_path = "backbone.layers"
-            self.norm_path = "backbone.norm_f"
-        elif hasattr(model, "model") and hasattr(model.model, "embed_tokens") and hasattr(model.model, "norm"):
-            inner = model.model
-            self.family = "llama-like"
-            self.embedding = inner.embed_tokens
-            self.final_norm = inner.norm
-            self.embed_path = "model.embed_tokens"
-            self.layers_path = "model.layers"
-            self.norm_path = "model.norm"
-        else:
-            raise MixqError(f"{type(model).__module__}: layer-wise runner does not know this architecture")
+        inner, emb_name = layer_container(model)
+        self.family = "nemotron_h" if emb_name == "embeddings" else "llama-like"
+        top = "backbone" if self.family == "nemotron_h" else "model"
+        norm_name = "norm_f" if self.family == "nemotron_h" else "norm"
+        self.embedding, self.final_norm = getattr(inner, emb_name), getattr(inner, norm_name)
+        self.embed_path, self.layers_path, self.norm_path = f"{top}.{emb_name}", f"{top}.layers", f"{top}.{norm_name}"
         self.layers = list(inner.layers)
         self.tied = not hasattr(model, "lm_head")
         self.head_path = f"{self.embed_path}.weight" if self.tied else "lm_head.weight"

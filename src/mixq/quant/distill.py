@@ -108,7 +108,8 @@ def _top(z, k: int) -> tuple:
     z = z.astype(mx.float32)
     v = z.shape[-1]
     kk = min(k, v)   # the top kk without negating z (a vocabulary-wide copy)
-    idx = mx.argpartition(z, kth=v - kk, axis=-1)[..., v - kk:] if kk < v else mx.broadcast_to(mx.arange(kk), z.shape)
+    idx = mx.argpartition(z, kth=v - kk, axis=-1)[..., v - kk:] if kk < v else \
+        mx.broadcast_to(mx.arange(kk), z.shape)
     zk = mx.take_along_axis(z, idx, axis=-1)
     lse = mx.logsumexp(z, axis=-1, keepdims=True)
     out = (idx.astype(mx.int32), zk - lse, _log_rest(mx.logsumexp(zk, axis=-1), lse[..., 0]))

@@ -235,8 +235,8 @@ class ForwardSweep:
         inputs = [] if keep_inputs else None
         # the float model runs only for what needs it: the reference, labels, block inputs, streams that
         # branch off later, or Grams not kept from an earlier sweep
-        if not head and streams:
-            raise ValueError("a sweep without the head runs no streams")
+        if not head and (streams or references is not None):
+            raise ValueError("a sweep without the head runs the float blocks only (no streams, no references)")
         float_run = references is None or keep_inputs or sample_key is not None or \
             any((starts[s.name] > 0 and s.measure) or s.tuner is not None for s in streams) or \
             (grams and hessians is not None and not hessians.kept_all(range(n)))
