@@ -240,6 +240,9 @@ def test_preflight_sizes_the_distillation(nemotron_moe):
     assert more["memory"]["distillation"] > got["memory"]["distillation"]
     assert got["peak_bytes"] == plain["peak_bytes"] + got["memory"]["distillation"]
     assert got["distill_student"] == "float" and plain["distill_student"] is None
+    text = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, distill=True,
+                                  distill_student="quantized", **SMALL))["text"]
+    assert "--distill runs the quantized student" in text
 
 
 def test_preflight_picks_the_quantized_student_where_the_float_one_does_not_fit(nemotron_moe):

@@ -249,6 +249,7 @@ def format_preflight(pf: Preflight, target_bpw: float | None = None) -> str:
     lines.append(f"memory needed: about {_gb(pf.peak)} ("
                  + ", ".join(f"{k} {_gb(v)}" for k, v in pf.memory.items()) + ")"
                  + ("" if pf.available is None else f"; available {_gb(pf.available)}")
-                 + ("; weights streamed from disk block by block" if pf.stream_weights else ""))
+                 + ("; weights streamed from disk block by block" if pf.stream_weights else "")
+                 + (f"; --distill runs the {pf.distill_student} student" if pf.distill_student else ""))
     return "\n".join(lines)
 
