@@ -195,8 +195,7 @@ class Distiller:
         if self.settings.student == "float":
             new = [(p, q.full(mx.float32)) for p, q in self.quantized.items() if p not in self.tuned]
         else:   # the packed codes the QuantizedWeights hold: one copy of them
-            new = [(f"{p.rsplit('.', 1)[0]}.{n}", a) for p, q in self.quantized.items()
-                   for n, a in (("weight", q.wq), ("scales", q.scales), ("biases", q.biases)) if a is not None]
+            new = [(f"{p.rsplit('.', 1)[0]}.{n}", a) for p, q in self.quantized.items() for n, a in q.arrays().items()]
         if new:
             self.model.update(tree_unflatten(new))
             mx.eval([a for _, a in new])
@@ -333,8 +332,8 @@ class Distiller:
             "target_mass": float(f"{mx.exp(t_valid.logp).sum(axis=-1).mean().item():.6g}"),
             "epochs_run": epochs,
             # whole-model forwards over one window: the float model's once per window (the targets); per
-            # training window and epoch a quantized forward and its backward (two); on the validation windows
-            # before training and after each epoch
+            # training window and epoch `step_forwards` (a forward, its backward, and for the quantized student
+            # the checkpointed layers' second forward); on the validation windows before training and per epoch
             "window_forwards": round(self._done),
             "seconds": round(time.perf_counter() - t0, 2),
         }
