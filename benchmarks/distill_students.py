@@ -1,8 +1,9 @@
 """`--distill-student`: the float student against the quantized one, in memory and seconds.
 
 1. Preflight (the formula a convert checks against the machine) for the full models mixq is for, built lazily
-   from their configurations (no weight exists): the distillation's memory with each student at 4.5 bpw,
-   weights streamed, the default settings.
+   from their configurations (no weight exists): the measuring and writing sweeps' memory, then the
+   distillation's with each student at 4.5 bpw, weights streamed, the default settings (a stage of its own:
+   the run's peak is the larger).
 2. Measured on a model (default: the random llama with SmolLM-135M's shapes from convert_scale.py, built if
    missing): one convert writes it, then the distillation stage alone runs in a fresh process per student
    (2 training + 2 validation windows, 1 epoch): peak RSS, mlx's peak, seconds, window forwards, and the
@@ -62,7 +63,8 @@ def projections() -> None:
     from mixq.quant.distill import DistillSettings
     from mixq.quant.preflight import preflight
 
-    print(f"{'model':<26} {'params':>7} | {'float student':>14} {'run peak':>9} | {'quantized':>10} {'run peak':>9}")
+    print(f"{'model':<26} {'params':>7} | {'sweeps':>9} | {'float student':>14} {'run peak':>9} | "
+          f"{'quantized':>10} {'run peak':>9}")
     for name, (_, cfg) in FULL.items():
         cfg = {**cfg, "num_hidden_layers": len(_kinds(cfg))}
         arch = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
@@ -77,7 +79,8 @@ def projections() -> None:
                                      available=None, stream_weights="on", distill=DistillSettings(),
                                      distill_student=student, target_bpw=4.5)
         f, q = got["float"], got["quantized"]
-        print(f"{name:<26} {a.mlx_lm_params / 1e9:>6.2f}B | {f.memory['distillation'] / 2**30:>10.1f} GiB "
+        print(f"{name:<26} {a.mlx_lm_params / 1e9:>6.2f}B | {f.sweep / 2**30:>5.1f} GiB | "
+              f"{f.memory['distillation'] / 2**30:>10.1f} GiB "
               f"{f.peak / 2**30:>5.1f} GiB | {q.memory['distillation'] / 2**30:>6.1f} GiB {q.peak / 2**30:>5.1f} GiB")
 
 

@@ -452,3 +452,19 @@ def test_tensors_solved_side_by_side_equal_one_at_a_time(monkeypatch, tmp_path):
             kept = two_r.quantized(k, W[k], f)   # read back from its file
             assert all(mx.array_equal(a, b).item() for a, b in zip(kept, one[k][str(f)])), (k, f)
     assert len(list((tmp_path / "two").glob("*.safetensors"))) == len(W) * len(fmts)
+
+
+def test_released_rounding_keeps_no_factor_or_result_and_rounds_the_same_again():
+    """`release` (after the last sweep that rounds) drops the factors and the kept results; which tensors fell
+    back is still known, and a tensor asked for again is solved to the same arrays."""
+    W, X = _problem(rows=64, cols=128, seed=3)
+    r = Rounding({"w": X.T @ X})
+    fmt = Format.affine(4, 64)
+    first = r.quantized("w", mx.array(W), fmt)
+    assert r._factors and r._cache
+    name = r.name_for("w", fmt)
+    r.release()
+    assert not r._factors and not r._cache and r._cache_bytes == 0
+    assert r.name_for("w", fmt) == name
+    again = r.quantized("w", mx.array(W), fmt)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(first, again))

@@ -41,3 +41,25 @@ def test_expert_estimates_do_not_depend_on_the_rows_order():
     ysq = np.einsum("eij,ejk,eik->ei", d, H, d)
     want = (np.array(st.gd["w"]) * ysq).sum(axis=1) / np.maximum(counts, 1)
     assert np.isclose(st.estimate("w", g, dW), want.sum() / 200, rtol=1e-4)
+
+
+def test_released_map_holds_no_gram_and_still_knows_its_paths():
+    """After the sweeps that round, the convert lets every Gram go (the distillation's memory is a stage of
+    its own); the rounding's settings still see which tensors had one."""
+    from mixq.core.errors import MixqError
+    from mixq.quant.hessian import HessianMap
+
+    m = HessianMap({"a.weight", "b.weight", "e.weight"})
+    g = mx.ones((4, 4))
+    m.global_["e.weight"] = g
+    m.keep(0, {"a.weight": g})
+    m.set_block(1, {"b.weight": g})
+    assert m.kept(0) and m["b.weight"] is g
+    m.release()
+    assert m.kept(0) is None and not m.kept_all([0]) and m.block == {} and m.global_ == {}
+    assert bool(m) and "a.weight" in m and len(m) == 3
+    try:
+        m["b.weight"]
+        raise AssertionError("a released Gram was returned")
+    except MixqError:
+        pass

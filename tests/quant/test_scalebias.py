@@ -34,7 +34,36 @@ def test_by_bits_the_scales_step_shrinks_with_the_width():
         sb = ScaleBias(qs, by_bits=by_bits)
         params = {p: {"a": mx.full(d["a"].shape, 0.01), "c": mx.full(d["c"].shape, 0.5)} for p, d in sb.zeros().items()}
         vals = sb.values(params, cast=False)
-        rel = {p: float((vals[p][0] / sb.s0[p] - 1).mean().item()) for p in qs}
+        s0 = {p: q.scales.astype(mx.float32) for p, q in qs.items()}
+        rel = {p: float((vals[p][0] / s0[p] - 1).mean().item()) for p in qs}
         assert np.isclose(rel["t8.weight"] / rel["t4.weight"], ratio, rtol=1e-4)
-        for p in qs:
-            assert mx.allclose(vals[p][1] - sb.b0[p], 0.5 * sb.s0[p], rtol=1e-5, atol=1e-7).item()
+        for p, q in qs.items():
+            assert mx.allclose(vals[p][1] - q.biases.astype(mx.float32), 0.5 * s0[p], rtol=1e-5, atol=1e-7).item()
+
+
+def test_gradient_is_the_plain_expressions():
+    """The values' own backward (it recomputes the starts from the written bf16 arrays) gives the gradient
+    autodiff gives for s0 (1 + k a), b0 + c s0 written out with float32 starts."""
+    qs = _qs()
+    sb = ScaleBias(qs, by_bits=True)
+    rng = np.random.default_rng(1)
+    params = {p: {k: mx.array(rng.normal(size=v.shape).astype(np.float32) * 0.01) for k, v in d.items()}
+              for p, d in sb.zeros().items()}
+    probe = {p: mx.array(rng.normal(size=(2, *q.scales.shape)).astype(np.float32)) for p, q in qs.items()}
+
+    def loss(values):
+        return sum((mx.square(s * probe[p][0]) + b * probe[p][1]).sum() for p, (s, b) in values.items())
+
+    def plain(params):
+        out = {}
+        for p, q in qs.items():
+            s0, b0 = q.scales.astype(mx.float32), q.biases.astype(mx.float32)
+            out[p] = (s0 * (1.0 + 2.0 ** (4 - q.fmt.bits) * params[p]["a"]), b0 + params[p]["c"] * s0)
+        return out
+
+    got = mx.grad(lambda x: loss(sb.values(x, cast=False)))(params)
+    want = mx.grad(lambda x: loss(plain(x)))(params)
+    for p in qs:
+        for k in ("a", "c"):
+            assert mx.allclose(got[p][k], want[p][k], rtol=1e-6, atol=1e-9).item()
+    assert any(float(mx.abs(got[p]["a"]).max().item()) > 0 for p in qs)

@@ -180,6 +180,12 @@ def convert(opts: ConvertOptions) -> dict:
         timings: dict = {}  # stage -> seconds per block
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
                                                      candidates, tmp, prog, timings, cal.references)
+        # nothing is rounded again: the distillation and the held-out check run without the sweeps' state
+        # (preflight sizes the distillation as a stage of its own)
+        rounding.release()
+        if hessians is not None:
+            hessians.release()
+        del cal
         distillation, undistilled = _distill(opts, distill, lm, anatomy, runner, docs, tmp, work, prog) \
             if distill else (None, None)
         plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation)

@@ -31,7 +31,8 @@ Cost: one float forward per window for the targets; per training window and epoc
 backward. The float student is several times faster on a CPU (float32 GEMMs against mlx's CPU quantized matmul:
 2.0 vs 12.1 s a step of 8 x 256 tokens on the demo, the same loss and gradients); it holds the weights in
 float32 and the codes (5 bytes a parameter). The quantized student holds the written arrays (about the
-written size). Both hold the tuned state (~14 float32 values a group), the targets (8 bytes x TOP_K a
+written size). Both hold the tuned state (parameters, gradients, Adam's moments and the values: 10 float32
+a group, and the best epoch's values in the source dtype), the targets (8 bytes x TOP_K a
 position) and one batch's activations.
 """
 
@@ -293,10 +294,11 @@ class Distiller:
         resumed = state.epoch()
         if resumed is None:
             start = self._kl(params, valid, t_valid, bs)
-            best, best_params, best_epoch, epochs = start, None, 0, []
+            best, best_q, best_epoch, epochs = start, None, 0, []
         else:   # the epochs an interrupted run finished: where it stood after the last of them
             rec, arrays = resumed
-            params, opt.state, best_params = arrays["params"], arrays["opt"], arrays.get("best")
+            params, opt.state = arrays["params"], arrays["opt"]
+            best_q = self.sb.with_values(arrays["best"]) if "best" in arrays else None
             start, best, best_epoch, epochs = rec["start"], rec["best"], rec["best_epoch"], rec["epochs"]
             rng.bit_generator.state = rec["rng"]
             self._done = window_forwards(replace(st, epochs=len(epochs)), n_train, n_valid)
@@ -312,14 +314,15 @@ class Distiller:
             val = self._kl(params, valid, t_valid, bs)
             epochs.append({"epoch": e + 1, "train_kl": float(f"{total / train.shape[0]:.6g}"),
                            "validation_kl": float(f"{val:.6g}")})
-            if val < best:
-                best, best_params, best_epoch = val, {p: dict(d) for p, d in params.items()}, e + 1
+            if val < best:   # the best epoch kept as it will be written: source-dtype values, not parameters
+                best, best_q, best_epoch = val, self.sb.quantized(params), e + 1
+            kept_values = {p: {"scales": q.scales, "biases": q.biases} for p, q in (best_q or {}).items()}
             state.save_epoch({"start": start, "best": best, "best_epoch": best_epoch, "epochs": epochs,
                               "rng": rng.bit_generator.state},
-                             {"params": params, "opt": opt.state, **({"best": best_params} if best_params else {})})
-        kept = best_params is not None
+                             {"params": params, "opt": opt.state, **({"best": kept_values} if best_q else {})})
+        kept = best_q is not None
         # the tensors whose source-dtype values moved (a small step can round back to the written value)
-        changed = {p: q for p, q in (self.sb.quantized(best_params) if kept else {}).items()
+        changed = {p: q for p, q in (best_q if kept else {}).items()
                    if not (mx.array_equal(q.scales, self.tuned[p].scales).item()
                            and mx.array_equal(q.biases, self.tuned[p].biases).item())}
         out = {**self.quantized, **changed}

@@ -1,5 +1,5 @@
 """What makes `--distill` resumable: the float model's targets and each finished epoch's state (parameters,
-Adam's moments and step, the best epoch's parameters, the batch order's random state, the records), kept in
+Adam's moments and step, the best epoch's scales and biases, the batch order's random state, the records), kept in
 the convert's work dir under a key of the settings, the windows and the written scales and biases. A run
 that finds a matching state skips the targets' float forwards and the epochs already done, and ends with
 the same values as one never interrupted.
@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+STATE_FORMAT = 2   # 2: the best epoch kept as its source-dtype scales and biases (1: its parameters)
 SEP = "|"   # tensor paths hold dots: the flattened names join levels with this instead
 
 
@@ -40,7 +41,7 @@ def state_key(settings: dict, train, valid, quantized: dict) -> str:
     import mlx.core as mx
     import numpy as np
 
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({**settings, "state_format": STATE_FORMAT}, sort_keys=True).encode())
     for a in (train, valid):
         h.update(np.ascontiguousarray(np.asarray(a, dtype=np.int64)).tobytes())
     for p in sorted(quantized):

@@ -217,6 +217,11 @@ class HessianMap:
     def set_block(self, index: int | None, entries: dict) -> None:
         self.block_index, self.block = index, dict(entries)
 
+    def release(self) -> None:
+        """Let every Gram go (the sweeps that round are done): which tensors had one is still known."""
+        self.global_, self.block, self.block_index = {}, {}, None
+        self._kept, self._kept_bytes, self._full = {}, 0, True
+
     def __contains__(self, path) -> bool:
         return path in self.paths
 

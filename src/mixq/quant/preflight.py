@@ -7,6 +7,7 @@ a machine too small for the run are refused here, with the numbers, before any p
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,11 @@ ACTIVATIONS_PER_BLOCK = 24   # hidden-wide float32 arrays a block keeps per toke
 STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto streams
 PROCESS_BASE = 600 << 20     # python, mlx, tokenizer, code (measured RSS before any weight: ~0.5 GB)
 GPTQ_CHUNK = 256 << 20       # row-chunk working set of one GPTQ call (mixq.quant.gptq)
-TUNED_GROUP_BYTES = 56       # --distill per group: 14 float32 values (starts, parameters, gradients, Adam, best)
+DISTILLATION = "distillation"
+RESIDENT = "weights (stored dtype)"
+DISTILL_STAGE = ("process", RESIDENT, DISTILLATION)   # what is held while --distill runs
+TUNED_GROUP_FLOAT32 = 10     # --distill per group: parameters, gradients, Adam's two moments, the values (scale, bias)
+                             # in float32, beside the best epoch's scale and bias in the source dtype
 
 
 @dataclass
@@ -55,8 +60,20 @@ class Preflight:
         return self.max_bytes * 8 / self.params
 
     @property
+    def sweep(self) -> int:
+        """The measuring and writing sweeps' memory: every component but the distillation's."""
+        return sum(v for k, v in self.memory.items() if k != DISTILLATION)
+
+    @property
+    def distill_stage(self) -> int:
+        """--distill's stage, after the sweeps' state is let go: the process, resident weights and its own."""
+        if DISTILLATION not in self.memory:
+            return 0
+        return sum(self.memory.get(k, 0) for k in DISTILL_STAGE)
+
+    @property
     def peak(self) -> int:
-        return sum(self.memory.values())
+        return max(self.sweep, self.distill_stage)
 
     def check_target(self, target_bpw: float) -> None:
         if target_bpw * self.params / 8 < self.min_bytes:
@@ -67,7 +84,9 @@ class Preflight:
         if self.available is not None and self.peak > self.available:
             raise MixqError(f"this run needs about {_gb(self.peak)} of memory and the machine has {_gb(self.available)} "
                             f"available ({', '.join(f'{k} {_gb(v)}' for k, v in self.memory.items())}); "
-                            f"use fewer --samples or a shorter --seq-len")
+                            + ("the distillation stage is the larger: use --distill-student quantized or fewer "
+                               "--distill-windows" if self.distill_stage > self.sweep else
+                               "use fewer --samples or a shorter --seq-len"))
 
     def to_dict(self) -> dict:
         return {"params": self.params, "stored_bytes": self.stored_bytes, "fixed_bytes": self.fixed_bytes,
@@ -198,34 +217,43 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available
-    student = None
+    student, stage = None, 0
     if distill is not None:   # sized as if the weights stream unless told otherwise (resident only with room)
-        student, mem["distillation"] = _distillation(
-            distill, distill_student, params, candidates, hi if target_bpw is None else int(target_bpw * params / 8),
-            seq_len, hidden, vocab, n_blocks, avail, sum(mem.values()) + (stored if stream_weights == "off" else 0))
+        student, mem[DISTILLATION] = _distillation(
+            distill, distill_student, params, _tuned_bytes(tensors, candidates),
+            hi if target_bpw is None else int(target_bpw * params / 8),
+            seq_len, hidden, vocab, n_blocks, avail, PROCESS_BASE + (stored if stream_weights == "off" else 0))
+        stage = PROCESS_BASE + mem[DISTILLATION]
     if stream_weights == "on":
         streaming = True
     elif stream_weights == "off":
         streaming = False
     else:  # resident only for a small model that leaves ample room: a pass reads each block once, a cost
         # small next to the pass's compute, while a resident copy costs the model's whole size
-        streaming = stored > STREAM_ABOVE or (avail is not None and stored + sum(mem.values()) > 0.6 * avail)
+        sweep = sum(v for k, v in mem.items() if k != DISTILLATION)
+        streaming = stored > STREAM_ABOVE or (avail is not None and stored + max(sweep, stage) > 0.6 * avail)
     if not streaming:
-        mem["weights (stored dtype)"] = stored
+        mem[RESIDENT] = stored
     return Preflight(tensors=tensors, fixed_bytes=fixed, params=params, stored_bytes=stored, min_bytes=lo,
                      max_bytes=hi, memory=mem, available=avail, stream_weights=streaming,
                      distill_student=student)
 
 
-def _distillation(st: DistillSettings, student: str, params: int, candidates, written: int, seq_len: int,
+def _tuned_bytes(tensors: list, candidates) -> int:
+    """--distill's tuned state if every quantized tensor took the narrowest affine group of the candidates."""
+    group = min((f.group_size for f in candidates if f.is_quantized and f.mode == "affine"), default=64)
+    per = {dt: 4 * TUNED_GROUP_FLOAT32 + 2 * dtype_itemsize(dt) for dt in {t.dtype for t in tensors}}
+    return sum(math.prod(t.shape) // group * per[t.dtype] for t in tensors)
+
+
+def _distillation(st: DistillSettings, student: str, params: int, tuned: int, written: int, seq_len: int,
                   hidden: int, vocab: int, n_blocks: int, avail: int | None, others: int) -> tuple[str, int]:
-    """The student --distill runs and its memory: the written arrays, the tuned state per group, the
+    """The student --distill runs and its memory: the written arrays, the tuned state (`tuned` bytes), the
     targets and a batch's logits; the float student adds the weights in float32 and the codes (5 bytes a
     parameter) and every block's activations, the quantized one (checkpointed) every block's input and one
     block's activations. "auto": the float student (faster on a CPU) where it fits."""
     b_tokens = distill_batch(st, seq_len, vocab) * seq_len
-    group = min((f.group_size for f in candidates if f.is_quantized and f.mode == "affine"), default=64)   # tuned
-    common = written + TUNED_GROUP_BYTES * params // group + \
+    common = written + tuned + \
         8 * min(st.top_k, vocab) * (st.windows + st.validation) * seq_len + min(LOGITS_BYTES, 16 * b_tokens * vocab)
     block = ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden
     as_float = common + 5 * params + block * n_blocks
@@ -246,8 +274,12 @@ def format_preflight(pf: Preflight, target_bpw: float | None = None) -> str:
     lines.append(f"feasible bits per weight: {pf.min_bpw:.4f} .. {pf.max_bpw:.4f}"
                  + ("" if target_bpw is None else f"  (target {target_bpw}: "
                     + ("feasible)" if target_bpw * pf.params / 8 >= pf.min_bytes else "INFEASIBLE)")))
-    lines.append(f"memory needed: about {_gb(pf.peak)} ("
-                 + ", ".join(f"{k} {_gb(v)}" for k, v in pf.memory.items()) + ")"
+    parts = ", ".join(f"{k} {_gb(v)}" for k, v in pf.memory.items() if k != DISTILLATION)
+    if DISTILLATION in pf.memory:   # a stage of its own: the sweeps' state is let go before it runs
+        parts = (f"measuring and writing {_gb(pf.sweep)}: {parts}; then the distillation stage "
+                 f"{_gb(pf.distill_stage)}: distillation {_gb(pf.memory[DISTILLATION])} beside the process"
+                 + (" and the resident weights" if RESIDENT in pf.memory else ""))
+    lines.append(f"memory needed: about {_gb(pf.peak)} (" + parts + ")"
                  + ("" if pf.available is None else f"; available {_gb(pf.available)}")
                  + ("; weights streamed from disk block by block" if pf.stream_weights else "")
                  + (f"; --distill runs the {pf.distill_student} student" if pf.distill_student else ""))

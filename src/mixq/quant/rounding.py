@@ -135,6 +135,14 @@ class Rounding:
                 out[str(fmt)] = res
         return out
 
+    def release(self) -> None:
+        """Let the factors and the kept results go (nothing is rounded again); which tensors fell back to
+        round-to-nearest is still known (`name_for`)."""
+        with self._factor_lock, self._lock:
+            self._factors.clear()
+            self._cache.clear()
+            self._cache_bytes = 0
+
     def _keep(self, res: tuple):
         if self._spill is None:
             return res

@@ -7,6 +7,9 @@ a relative change of the scale moves a weight by a x code x s0, up to a x the gr
 while the error it can correct is about a step, so the useful change of `a` halves with every bit (one
 learning rate then fits 4- to 8-bit tensors; the bias's c is in steps already). With `cast`, values pass
 through the source dtype first: what is measured is what `mlx_lm.load` will read.
+
+The starts are the written arrays themselves (source dtype): `_relative`'s own vector-Jacobian product casts
+them again in the backward, so a training step keeps no float32 copy of them (8 bytes a group less).
 """
 
 from __future__ import annotations
@@ -29,18 +32,38 @@ def codes_of(q: QuantizedWeight):
     return c.astype(mx.uint8)
 
 
+def _relative_fn():
+    """(a, c, written scale, written bias, k) -> (s0 (1 + k a), b0 + c s0) in float32, s0 and b0 the written
+    values; the backward recomputes s0 from the written array instead of keeping a float32 copy of it."""
+    import mlx.core as mx
+
+    @mx.custom_function
+    def relative(a, c, s_src, b_src, k):
+        s0 = s_src.astype(mx.float32)
+        return s0 * (1.0 + k * a), b_src.astype(mx.float32) + c * s0
+
+    @relative.vjp
+    def relative_vjp(primals, cotangents, outputs):
+        _, _, s_src, b_src, k = primals
+        gs, gb = cotangents
+        s0 = s_src.astype(mx.float32)
+        # the written arrays and k are constants: their cotangents are never evaluated
+        return k * s0 * gs, s0 * gb, mx.zeros_like(s_src), mx.zeros_like(b_src), mx.zeros_like(k)
+
+    return relative
+
+
 class ScaleBias:
-    """`qs`: path -> QuantizedWeight (affine with biases: `tunable`). Holds their codes and starting values."""
+    """`qs`: path -> QuantizedWeight (affine with biases: `tunable`). Holds their codes (when first needed);
+    the written scales and biases are the starts."""
 
     def __init__(self, qs: dict, by_bits: bool = False):
         import mlx.core as mx
 
         self.qs = qs
-        self.k = {p: 2.0 ** (4 - q.fmt.bits) if by_bits else 1.0 for p, q in qs.items()}
+        self.k = {p: mx.array(2.0 ** (4 - q.fmt.bits) if by_bits else 1.0) for p, q in qs.items()}
         self._codes = None   # unpacked when first needed: a quantized student never needs them
-        self.s0 = {p: q.scales.astype(mx.float32) for p, q in qs.items()}
-        self.b0 = {p: q.biases.astype(mx.float32) for p, q in qs.items()}
-        mx.eval(self.s0, self.b0)
+        self._relative = _relative_fn()
 
     @property
     def codes(self) -> dict:
@@ -56,7 +79,7 @@ class ScaleBias:
         """The starting parameters (the written values): path -> {"a", "c"}."""
         import mlx.core as mx
 
-        return {p: {"a": mx.zeros(self.s0[p].shape), "c": mx.zeros(self.b0[p].shape)} for p in self.qs}
+        return {p: {"a": mx.zeros(q.scales.shape), "c": mx.zeros(q.biases.shape)} for p, q in self.qs.items()}
 
     def values(self, params, cast: bool) -> dict:
         """path -> (scale, bias) in float32; `cast`: as the source dtype stores them."""
@@ -64,8 +87,7 @@ class ScaleBias:
 
         out = {}
         for p, q in self.qs.items():
-            s = self.s0[p] * (1.0 + self.k[p] * params[p]["a"])
-            b = self.b0[p] + params[p]["c"] * self.s0[p]
+            s, b = self._relative(params[p]["a"], params[p]["c"], q.scales, q.biases, self.k[p])
             if cast:
                 s, b = s.astype(q.scales.dtype).astype(mx.float32), b.astype(q.biases.dtype).astype(mx.float32)
             out[p] = (s, b)
@@ -85,12 +107,17 @@ class ScaleBias:
 
     def quantized(self, params) -> dict:
         """path -> QuantizedWeight: the written codes with the parameters' values in the source dtype."""
+        return self.with_values({p: {"scales": s, "biases": b} for p, (s, b) in self.values(params, cast=True).items()})
+
+    def with_values(self, values: dict) -> dict:
+        """path -> QuantizedWeight: the written codes with `values` (path -> {"scales", "biases"}) cast to the
+        source dtype (a tuned result as kept, in the bytes it will be written in)."""
         import mlx.core as mx
 
         out = {}
-        for p, (s, b) in self.values(params, cast=True).items():
+        for p, v in values.items():
             q = self.qs[p]
-            out[p] = QuantizedWeight(fmt=q.fmt, wq=q.wq, scales=s.astype(q.scales.dtype),
-                                     biases=b.astype(q.biases.dtype), cols=q.cols)
+            out[p] = QuantizedWeight(fmt=q.fmt, wq=q.wq, scales=v["scales"].astype(q.scales.dtype),
+                                     biases=v["biases"].astype(q.biases.dtype), cols=q.cols)
             mx.eval(out[p].scales, out[p].biases)
         return out
