@@ -217,7 +217,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available
-    student, stage = None, 0
+    sweep, student, stage = sum(mem.values()), None, 0   # the sweeps' components, all in `mem` so far
     if distill is not None:   # sized as if the weights stream unless told otherwise (resident only with room)
         student, mem[DISTILLATION] = _distillation(
             distill, distill_student, params, _tuned_bytes(tensors, candidates),
@@ -230,7 +230,6 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         streaming = False
     else:  # resident only for a small model that leaves ample room: a pass reads each block once, a cost
         # small next to the pass's compute, while a resident copy costs the model's whole size
-        sweep = sum(v for k, v in mem.items() if k != DISTILLATION)
         streaming = stored > STREAM_ABOVE or (avail is not None and stored + max(sweep, stage) > 0.6 * avail)
     if not streaming:
         mem[RESIDENT] = stored

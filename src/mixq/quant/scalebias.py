@@ -8,7 +8,7 @@ while the error it can correct is about a step, so the useful change of `a` halv
 learning rate then fits 4- to 8-bit tensors; the bias's c is in steps already). With `cast`, values pass
 through the source dtype first: what is measured is what `mlx_lm.load` will read.
 
-The starts are the written arrays themselves (source dtype): `_relative`'s own vector-Jacobian product casts
+The starts are the written arrays themselves (source dtype): `_relative_fn`'s own vector-Jacobian product casts
 them again in the backward, so a training step keeps no float32 copy of them (8 bytes a group less).
 """
 
