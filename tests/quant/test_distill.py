@@ -146,6 +146,31 @@ def test_a_quantized_student_learns_what_the_float_one_does(nemotron_moe):
         Distiller(student, q, DistillSettings(student="quantized"))
 
 
+def test_the_quantized_students_layers_hold_their_values_only_while_they_run(nemotron_moe):
+    """Each layer's tuned values are made inside its own run (and its backward's rerun), then the layer has its
+    written arrays again: one layer's values are held at a time, not the model's. The gradient still reaches
+    every tuned tensor inside the layers."""
+    import mlx.nn as nn
+
+    q = _quantized(nemotron_moe)
+    student = load(nemotron_moe).model
+    nn.quantize(student, class_predicate=lambda p, m: f"{p}.weight" in q and q[f"{p}.weight"].fmt.quant_kwargs())
+    d = Distiller(student, q, DistillSettings(student="quantized", top_k=16), teacher=_teacher(nemotron_moe))
+    d._become_student()
+    inside, _ = d._by_layer()
+    assert inside and sum(len(v) for v in inside.values()) > 0
+    params = {p: {"a": v["a"] + 0.01, "c": v["c"] + 0.1} for p, v in d.sb.zeros().items()}
+    x = mx.array(_tokens(2, 0))
+    loss, g = mx.value_and_grad(lambda ps: d._logits(x, ps, cast=False, train=True).square().mean())(params)
+    mx.eval(loss, g)
+    modules = dict(student.named_modules())
+    for paths in inside.values():
+        for p in paths:
+            m = modules[p.rsplit(".", 1)[0]]
+            assert m.scales is q[p].scales and m.biases is q[p].biases
+            assert float(mx.abs(g[p]["a"]).sum().item()) > 0 and float(mx.abs(g[p]["c"]).sum().item()) > 0
+
+
 def _full_kl(zt, zs):
     lp = zt - mx.logsumexp(zt, axis=-1, keepdims=True)
     lq = zs - mx.logsumexp(zs, axis=-1, keepdims=True)

@@ -31,13 +31,15 @@ Cost: one float forward per window for the targets; per training window and epoc
 backward. The float student is several times faster on a CPU (float32 GEMMs against mlx's CPU quantized matmul:
 2.0 vs 12.1 s a step of 8 x 256 tokens on the demo, the same loss and gradients); it holds the weights in
 float32 and the codes (5 bytes a parameter). The quantized student holds the written arrays (about the
-written size). Both hold the tuned state (parameters, gradients, Adam's moments and the values: 10 float32
-a group, and the best epoch's values in the source dtype), the targets (8 bytes x TOP_K a
-position) and one batch's activations.
+written size). Both hold the tuned state (parameters, gradients and Adam's moments: 8 float32 a group, and
+the best epoch's values in the source dtype), the targets (8 bytes x TOP_K a position) and one batch's
+activations. The float student makes every tensor's values (scale, bias: 2 float32 a group more) for a step;
+the quantized one makes each layer's inside that layer's run (`_layer_with_values`), one layer's at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -201,25 +203,43 @@ class Distiller:
             self.model.update(tree_unflatten(new))
             mx.eval([a for _, a in new])
 
-    def _set(self, params, cast: bool) -> None:
+    def _set(self, params, cast: bool, paths=None) -> None:
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
         if self.settings.student == "float":
             new = self.sb.weights(params, cast, mx.float32)
         else:
-            new = [(f"{p.rsplit('.', 1)[0]}.{n}", a) for p, (s, b) in self.sb.values(params, cast).items()
-                   for n, a in (("scales", s), ("biases", b))]
+            new = _value_arrays(self.sb.values(params, cast, paths))
         self.model.update(tree_unflatten(new))
 
-    def _forward(self, x):
-        """The student's logits for a training step: the quantized student keeps only each layer's input for
-        the backward (the layer runs again there), so its activations are a block's, not the model's."""
+    def _by_layer(self) -> tuple[dict, list]:
+        """(layer index -> its tuned paths relative to the layer, the tuned paths outside the layers)."""
+        container, _ = layer_container(self.model)
+        prefix = next(n for n, m in self.model.named_modules() if m is container) + ".layers."
+        inside, outside = {}, []
+        for p in self.tuned:
+            if p.startswith(prefix):
+                i, rel = p[len(prefix):].split(".", 1)
+                inside.setdefault(int(i), {})[p] = rel
+            else:
+                outside.append(p)
+        return inside, outside
+
+    def _logits(self, x, params, cast: bool, train: bool):
+        """The student's logits with the parameters' values. The quantized student makes each layer's values
+        inside that layer's run, so one layer's are held at a time; training, it keeps only each layer's input
+        for the backward (the layer runs again there): its activations are a block's, not the model's."""
         if self.settings.student == "float":
+            self._set(params, cast)
             return self.model(x)
+        inside, outside = self._by_layer()
+        self._set(params, cast, outside)
         container, _ = layer_container(self.model)
         layers = container.layers
-        container.layers = [layer_proxy(layer, _checkpointed) for layer in layers]
+        container.layers = [layer_proxy(layer, functools.partial(
+            _layer_with_values, self.sb, inside.get(i, {}), {p: params[p] for p in inside.get(i, {})}, cast, train))
+            for i, layer in enumerate(layers)]
         try:
             return self.model(x)
         finally:
@@ -234,11 +254,10 @@ class Distiller:
     def _kl(self, params, tokens, tg: Targets, bs: int) -> float:
         import mlx.core as mx
 
-        self._set(params, cast=True)
         total, n = 0.0, 0
         for i in range(0, tokens.shape[0], bs):
             x = tokens[i:i + bs]
-            k = topk_kl(tg[i:i + bs], self.model(x)).sum()
+            k = topk_kl(tg[i:i + bs], self._logits(x, params, cast=True, train=False)).sum()
             mx.eval(k)
             total, n = total + float(k.item()), n + x.size
             self._tick(x.shape[0])
@@ -286,8 +305,7 @@ class Distiller:
         opt = optim.Adam(learning_rate=lr)
 
         def loss_fn(params, x, tg):
-            self._set(params, cast=False)
-            return topk_kl(tg, self._forward(x)).mean()
+            return topk_kl(tg, self._logits(x, params, cast=False, train=True)).mean()
 
         grad = mx.value_and_grad(loss_fn)
         rng = np.random.default_rng([st.seed, 17])
@@ -367,16 +385,32 @@ def window_forwards(st: DistillSettings, n_train: int, n_valid: int) -> int:
     return n_train + n_valid + step_forwards(st) * n_train * st.epochs + n_valid * (st.epochs + 1)
 
 
-def _checkpointed(layer, x, *args, **kwargs):
-    """`layer(x, ...)` with only its input kept for the backward (its activations are recomputed there); its
-    floating arrays are explicit inputs, so their cotangents reach the tuned scales and biases."""
+def _value_arrays(values: dict, names: dict | None = None) -> list:
+    """(module path, array) for path -> (scale, bias); `names`: path -> the name to use for it instead."""
+    out = []
+    for p, (s, b) in values.items():
+        module = (names[p] if names else p).rsplit(".", 1)[0]
+        out += [(f"{module}.scales", s), (f"{module}.biases", b)]
+    return out
+
+
+def _layer_with_values(sb: ScaleBias, names: dict, params: dict, cast: bool, train: bool, layer, x, *args,
+                       **kwargs):
+    """`layer(x, ...)` of the quantized student with its tuned tensors' values made from `params` (path ->
+    {"a", "c"}; `names`: path -> name inside the layer) for this run only: the layer gets its written arrays
+    back after, so no layer's values outlive it. `train`: checkpointed, only the input and the parameters kept
+    for the backward (the layer and its values are made again there); the layer's other arrays are constants."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    floats = {k: v for k, v in tree_flatten(layer.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+    own = [(k, v) for k, v in tree_flatten(layer.parameters())
+           if k in {n for n, _ in _value_arrays(dict.fromkeys(names, (None, None)), names)}]
 
-    def run(arrays, h):
-        layer.update(tree_unflatten(list(arrays.items())))
-        return layer(h, *args, **kwargs)
+    def run(ps, h):
+        layer.update(tree_unflatten(_value_arrays(sb.values(ps, cast, list(ps)), names)))
+        try:
+            return layer(h, *args, **kwargs)
+        finally:
+            layer.update(tree_unflatten(own))
 
-    return mx.checkpoint(run)(floats, x)
+    return mx.checkpoint(run)(params, x) if train else run(params, x)

@@ -26,8 +26,10 @@ GPTQ_CHUNK = 256 << 20       # row-chunk working set of one GPTQ call (mixq.quan
 DISTILLATION = "distillation"
 RESIDENT = "weights (stored dtype)"
 DISTILL_STAGE = ("process", RESIDENT, DISTILLATION)   # what is held while --distill runs
-TUNED_GROUP_FLOAT32 = 10     # --distill per group: parameters, gradients, Adam's two moments, the values (scale, bias)
-                             # in float32, beside the best epoch's scale and bias in the source dtype
+# --distill per group, float32: parameters, gradients and Adam's two moments (8), and for the float student the values
+# (scale, bias) of every tensor through a step (the quantized one makes them a layer at a time); beside the best
+# epoch's scale and bias in the source dtype
+TUNED_GROUP_FLOAT32 = {"float": 10, "quantized": 8}
 
 
 @dataclass
@@ -238,25 +240,29 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
                      distill_student=student)
 
 
-def _tuned_bytes(tensors: list, candidates) -> int:
-    """--distill's tuned state if every quantized tensor took the narrowest affine group of the candidates."""
+def _tuned_bytes(tensors: list, candidates) -> dict:
+    """student -> --distill's tuned state if every quantized tensor took the narrowest affine group of the
+    candidates."""
     group = min((f.group_size for f in candidates if f.is_quantized and f.mode == "affine"), default=64)
-    per = {dt: 4 * TUNED_GROUP_FLOAT32 + 2 * dtype_itemsize(dt) for dt in {t.dtype for t in tensors}}
-    return sum(math.prod(t.shape) // group * per[t.dtype] for t in tensors)
+    out = {}
+    for student, f32 in TUNED_GROUP_FLOAT32.items():
+        per = {dt: 4 * f32 + 2 * dtype_itemsize(dt) for dt in {t.dtype for t in tensors}}
+        out[student] = sum(math.prod(t.shape) // group * per[t.dtype] for t in tensors)
+    return out
 
 
-def _distillation(st: DistillSettings, student: str, params: int, tuned: int, written: int, seq_len: int,
+def _distillation(st: DistillSettings, student: str, params: int, tuned: dict, written: int, seq_len: int,
                   hidden: int, vocab: int, n_blocks: int, avail: int | None, others: int) -> tuple[str, int]:
-    """The student --distill runs and its memory: the written arrays, the tuned state (`tuned` bytes), the
-    targets and a batch's logits; the float student adds the weights in float32 and the codes (5 bytes a
-    parameter) and every block's activations, the quantized one (checkpointed) every block's input and one
-    block's activations. "auto": the float student (faster on a CPU) where it fits."""
+    """The student --distill runs and its memory: the written arrays, the tuned state (`tuned`: bytes per
+    student), the targets and a batch's logits; the float student adds the weights in float32 and the codes
+    (5 bytes a parameter) and every block's activations, the quantized one (checkpointed) every block's input
+    and one block's activations. "auto": the float student (faster on a CPU) where it fits."""
     b_tokens = distill_batch(st, seq_len, vocab) * seq_len
-    common = written + tuned + \
-        8 * min(st.top_k, vocab) * (st.windows + st.validation) * seq_len + min(LOGITS_BYTES, 16 * b_tokens * vocab)
+    common = written + 8 * min(st.top_k, vocab) * (st.windows + st.validation) * seq_len + \
+        min(LOGITS_BYTES, 16 * b_tokens * vocab)
     block = ACTIVATIONS_PER_BLOCK * 4 * b_tokens * hidden
-    as_float = common + 5 * params + block * n_blocks
-    as_quantized = common + 4 * b_tokens * hidden * n_blocks + block
+    as_float = common + tuned["float"] + 5 * params + block * n_blocks
+    as_quantized = common + tuned["quantized"] + 4 * b_tokens * hidden * n_blocks + block
     if student == "auto":
         student = "float" if avail is None or others + as_float <= avail else "quantized"
     return student, as_float if student == "float" else as_quantized

@@ -81,12 +81,13 @@ class ScaleBias:
 
         return {p: {"a": mx.zeros(q.scales.shape), "c": mx.zeros(q.biases.shape)} for p, q in self.qs.items()}
 
-    def values(self, params, cast: bool) -> dict:
-        """path -> (scale, bias) in float32; `cast`: as the source dtype stores them."""
+    def values(self, params, cast: bool, paths=None) -> dict:
+        """path -> (scale, bias) in float32; `cast`: as the source dtype stores them. `paths`: only these."""
         import mlx.core as mx
 
         out = {}
-        for p, q in self.qs.items():
+        for p in self.qs if paths is None else paths:
+            q = self.qs[p]
             s, b = self._relative(params[p]["a"], params[p]["c"], q.scales, q.biases, self.k[p])
             if cast:
                 s, b = s.astype(q.scales.dtype).astype(mx.float32), b.astype(q.biases.dtype).astype(mx.float32)
