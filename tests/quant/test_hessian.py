@@ -61,3 +61,27 @@ def test_released_map_holds_no_gram_and_still_knows_its_paths():
     assert bool(m) and "a.weight" in m and len(m) == 3
     with pytest.raises(MixqError, match="block the sweep is not at"):
         m["b.weight"]
+
+
+def test_map_keeps_every_blocks_grams_only_when_all_can_fit(nemotron_dense):
+    """All or none: Grams that cannot all fit in KEEP_BYTES are not kept at all (not up to the limit and then
+    dropped); preflight counts what is kept."""
+    from mixq.core.anatomy import describe
+    from mixq.core.modelio import load
+    from mixq.quant import hessian
+    from mixq.quant.calibpass import make_rounding
+
+    g = mx.ones((4, 4))
+    small, large = hessian.HessianMap({"a.weight"}), hessian.HessianMap({"a.weight"}, hessian.KEEP_BYTES + 1)
+    for m in (small, large):
+        m.keep(0, {"a.weight": g})
+        m.keep(1, {"a.weight": g})
+    assert small.kept_all([0, 1]) and small.kept(1)["a.weight"] is g
+    assert large.kept(0) is None and not large.kept_all([0])
+    lm = load(nemotron_dense)
+    a = describe(lm.model, lm.config)
+    total = sum(hessian.block_gram_bytes(a).values())
+    assert total > 0 and hessian.kept_gram_bytes(a) == total
+    _, H = make_rounding(a, "gptq")
+    H.keep(0, {"a.weight": g})
+    assert H.kept(0) is not None   # a tiny model's Grams all fit: kept for the later sweeps

@@ -28,7 +28,7 @@ from mixq.quant.backward import backward_sweep
 from mixq.quant.estimate import ESTIMATOR, FisherStats, near_formats, rounded_estimates
 from mixq.quant.flips import RouterFlips
 from mixq.quant.gptq import gptq_work_bytes
-from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, hessian_arrays, normalised_sum
+from mixq.quant.hessian import FISHER_SAMPLES, HessianMap, block_gram_bytes, hessian_arrays, normalised_sum
 from mixq.quant.outside import OutsideBlocks
 from mixq.quant.plan import candidate_items
 from mixq.quant.sensitivity import METHODS, Partial, _round, fit_calibration, kind_of
@@ -59,7 +59,7 @@ def make_rounding(anatomy, rounding: str, spill=None):
     paths = gptq_paths(anatomy, rounding)
     if not paths:
         return RTN, None
-    H = HessianMap(paths)
+    H = HessianMap(paths, expected_bytes=sum(block_gram_bytes(anatomy).values()))
     return Rounding(H, settings={"hessian": "input-gram; embedding: sampled-label fisher",
                                  "fisher_samples": FISHER_SAMPLES}, spill=spill), H
 

@@ -185,19 +185,42 @@ def recording(model, members: dict):
 KEEP_BYTES = 1 << 30  # block Grams kept between sweeps (so later sweeps need not run the float model)
 
 
+def block_gram_bytes(anatomy) -> dict:
+    """Layer -> bytes of the float32 input Grams its Linear tensors hold (in^2 each; a SwitchLinear's routed
+    rows depend on the tokens and are not counted: a lower bound for a block with experts)."""
+    out: dict = {}
+    for t in anatomy.tensors:
+        if t.layer is None or t.module_type not in ("Linear", "SwitchLinear") or not t.path.endswith(".weight"):
+            continue
+        out[t.layer] = out.get(t.layer, 0) + (4 * t.shape[-1] ** 2 if t.module_type == "Linear" else 0)
+    return out
+
+
+def kept_gram_bytes(anatomy) -> int:
+    """At most what `HessianMap` keeps for the later sweeps: every block's Grams where they fit in KEEP_BYTES,
+    else none (it does not start keeping what it would have to drop). Experts' routed rows are not sized
+    here: with experts, up to KEEP_BYTES."""
+    total = sum(block_gram_bytes(anatomy).values())
+    if total > KEEP_BYTES:
+        return 0
+    return KEEP_BYTES if any(t.module_type == "SwitchLinear" for t in anatomy.tensors) else total
+
+
 class HessianMap:
     """path -> H for every tensor GPTQ can round: global entries (embedding, head) always, block entries
     for the block a sweep is at (`set_block`). Block entries are also kept for later sweeps (`keep`)
-    while they fit in KEEP_BYTES; a sweep finds them with `kept(i)`."""
+    while they fit in KEEP_BYTES; a sweep finds them with `kept(i)`. `expected_bytes` (every block's, at
+    least): past KEEP_BYTES nothing is kept from the start, instead of up to KEEP_BYTES that would be dropped
+    when the next block does not fit (a later sweep needs every block's)."""
 
-    def __init__(self, gptq_paths):
+    def __init__(self, gptq_paths, expected_bytes: int = 0):
         self.paths = set(gptq_paths)
         self.global_: dict = {}
         self.block: dict = {}
         self.block_index: int | None = None
         self._kept: dict = {}
         self._kept_bytes = 0
-        self._full = False
+        self._full = expected_bytes > KEEP_BYTES
 
     def keep(self, index: int, entries: dict) -> None:
         nbytes = sum(int(a.nbytes) for h in entries.values() for a in hessian_arrays(h))

@@ -17,6 +17,7 @@ from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
 from mixq.core.head import chunk_rows
 from mixq.core.lanes import LANE_BYTES, lane_count
 from mixq.quant.distill import LOGITS_BYTES, DistillSettings, batch_size as distill_batch
+from mixq.quant.hessian import block_gram_bytes, kept_gram_bytes
 from mixq.quant.plan import candidate_items, fixed_bytes
 
 ACTIVATIONS_PER_BLOCK = 24   # hidden-wide float32 arrays a block keeps per token for a backward (MLP 4x wide)
@@ -140,16 +141,6 @@ def _block_params(anatomy) -> dict:
     return out
 
 
-def _block_grams(anatomy) -> dict:
-    """Bytes of float32 input second moments one block holds (Linear: in^2; experts: their routed rows)."""
-    out: dict = {}
-    for t in anatomy.tensors:
-        if t.layer is None or t.module_type not in ("Linear", "SwitchLinear") or not t.path.endswith(".weight"):
-            continue
-        out[t.layer] = out.get(t.layer, 0) + (4 * t.shape[-1] ** 2 if t.module_type == "Linear" else 0)
-    return out
-
-
 def _block_rows(anatomy, tokens: int, top_k: int) -> dict:
     """Bytes of the per-position (input, output gradient) rows the estimator keeps for one block."""
     out: dict = {}
@@ -195,7 +186,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     stored = sum(t.params * dtype_itemsize(source_dtypes.get(t.path, t.dtype)) for t in anatomy.tensors)
     per_block = _block_params(anatomy)
     biggest = max(per_block.values(), default=0)
-    grams = max(_block_grams(anatomy).values(), default=0)
+    grams = max(block_gram_bytes(anatomy).values(), default=0)
     est_rows = max(_block_rows(anatomy, samples * seq_len, top_k).values(), default=0)
     tokens = samples * seq_len
     act = 4 * tokens * hidden
@@ -210,6 +201,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         "block inputs (backward)": act * n_blocks,
         "streams": act * (streams + 2),
         "second moments": grams + 4 * tokens * top_k * hidden * 2,
+        "kept second moments": kept_gram_bytes(anatomy),   # for the later sweeps, where all fit
         "estimator rows": est_rows,
         "rounding": _rounding_bytes(anatomy, candidates),
         "head": 2 * vocab * hidden + 6 * 4 * positions * head_rows + 2 * 4 * head_rows * hidden,
