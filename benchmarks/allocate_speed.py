@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from mixq.core.formats import Format, applicable, parse_candidates, tensor_bytes
-from mixq.quant.allocate import allocate
+from mixq.core.knapsack import allocate
 
 # Nemotron-Nano-9B-v2 widths (hidden 4480, MLP 15680, Mamba 128 x 80 heads, attention 40 / 8 x 128)
 D, MLP, INNER, KV = 4480, 15680, 128 * 80, 8 * 128

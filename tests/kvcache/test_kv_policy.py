@@ -7,35 +7,46 @@ import pytest
 
 from mixq.core.errors import MixqError
 from mixq.kvcache.cache import part_bytes_per_token
-from mixq.kvcache.policy import Option, allocate, solve
+from mixq.kvcache.policy import allocate
 
 
-def _brute(items, budget):
+def _brute(layers, candidates, budget_bits, group_size):
+    """The cheapest (cost, bytes) over every choice of bits per part, costs floored wide to narrow; among the
+    cheapest the largest total."""
+    parts, elements = [], 0
+    for e in layers:
+        for part in ("k", "v"):
+            heads, dim = e[f"{part}_shape"]
+            elements += heads * dim
+            floor, opts = 0.0, []
+            for b in sorted(candidates, reverse=True):
+                floor = max(floor, e["sensitivity"][part][str(b)])
+                opts.append((part_bytes_per_token(heads, dim, b, group_size, 16), floor))
+            parts.append(opts)
+    budget = int(budget_bits * elements / 8 + 1e-9)
     best = None
-    for combo in itertools.product(*[opts for _, opts in items]):
-        b = sum(o.nbytes for o in combo)
-        if b > budget:
-            continue
-        c = sum(o.cost for o in combo)
-        if best is None or c < best[0] - 1e-12:
-            best = (c, b)
+    for combo in itertools.product(*parts):
+        b = sum(o[0] for o in combo)
+        if b <= budget:
+            c = sum(o[1] for o in combo)
+            if best is None or c < best[0] - 1e-12 or (abs(c - best[0]) <= 1e-12 and b > best[1]):
+                best = (c, b)
     return best
 
 
 @pytest.mark.parametrize("seed", range(25))
-def test_solve_matches_brute_force(seed):
+def test_allocate_matches_brute_force(seed):
     rng = random.Random(seed)
-    items = []
-    for i in range(rng.randint(1, 6)):
-        opts = [Option(b, rng.choice([1, 2, 3]) * b * 8 + 8, rng.random() * (9 - b)) for b in (2, 4, 6, 8)]
-        items.append((f"i{i}", opts))
-    lo = sum(min(o.nbytes for o in opts) for _, opts in items)
-    hi = sum(max(o.nbytes for o in opts) for _, opts in items)
-    budget = rng.randint(lo, hi)
-    sol = solve(items, budget)
-    want = _brute(items, budget)
-    assert sol["bytes"] <= budget
-    assert sol["cost"] == pytest.approx(want[0], abs=1e-9)
+    cands = [2, 4, 6, 8]
+    layers = [{"layer": i, "k_shape": [rng.choice([1, 2]), 64], "v_shape": [rng.choice([1, 2, 4]), 64],
+               "sensitivity": {p: {str(b): rng.choice([0.5, 1.0]) * rng.random() * (9 - b) for b in cands}
+                               for p in ("k", "v")}}
+              for i in range(rng.randint(1, 3))]
+    target = rng.uniform(2.6, 8.5)
+    got = allocate(layers, cands, target, group_size=64)
+    want = _brute(layers, cands, target, 64)
+    assert got["exact"] and got["bytes_per_token"] <= got["budget_bytes"]
+    assert got["predicted_kl"] == pytest.approx(want[0], abs=1e-9)
 
 
 def test_allocate_respects_target_and_differs_k_v():

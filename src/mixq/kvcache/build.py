@@ -49,7 +49,7 @@ def plan_config(lm, sensitivity: dict, layout: list[dict], identity: dict, *, ta
         "target_bits": float(target_bits),
         "predicted_kl": float(f"{predicted:.6g}"),
         "allocation": {"budget_bytes_per_token": alloc["budget_bytes"], "exact": alloc["exact"],
-                       "solver": "dp-over-bytes"},
+                       "solver": "mixq.core.knapsack"},
         "sensitivity": {k: v for k, v in sensitivity.items() if k != "layers"},
         **(extra or {}),
     }

@@ -12,7 +12,7 @@ import math
 from mixq.core.anatomy import Anatomy
 from mixq.core.errors import MixqError
 from mixq.core.formats import Format, applicable, dtype_itemsize, tensor_bytes
-from mixq.quant.allocate import Option, allocate
+from mixq.core.knapsack import Option, allocate
 
 PLAN_FORMAT = "mixq-plan/1"
 

@@ -11,7 +11,7 @@ import pytest
 
 from mixq.core.errors import MixqError
 from mixq.core.formats import Format, parse_candidates, tensor_bytes
-from mixq.quant.allocate import Allocation, Option, allocate
+from mixq.core.knapsack import Allocation, Option, allocate
 
 
 def _brute(items, budget):
@@ -216,3 +216,18 @@ def test_state_cap_degrades_gracefully():
     assert capped.total_bytes <= budget and capped.total_cost >= optimum - 1e-9
     assert capped.total_cost == pytest.approx(capped.lower_bound + capped.gap)
     assert capped.total_cost - optimum < 0.01 * optimum
+
+
+def test_prefer_larger_spends_the_budget_left_on_options_that_cost_no_more():
+    """Equal cost: fewer bytes by default; with prefer_larger what the budget leaves buys the larger option
+    (largest gain first), never a costlier one and never past the budget."""
+    items = {"a": [("small", 10, 1.0), ("big", 30, 1.0)],
+             "b": [("small", 10, 2.0), ("mid", 15, 2.0), ("big", 20, 0.5)],
+             "c": [("small", 10, 0.0), ("big", 40, 0.0)]}
+    plain = allocate(items, 65)
+    assert plain.choices == {"a": "small", "b": "big", "c": "small"} and plain.item_bytes == 40
+    larger = allocate(items, 65, prefer_larger=True)
+    # 25 bytes left: a's +20 (the largest gain that fits; c's +30 does not), then nothing else fits
+    assert larger.choices == {"a": "big", "b": "big", "c": "small"} and larger.item_bytes == 60
+    assert larger.total_cost == plain.total_cost and larger.exact
+    assert allocate(items, 200, prefer_larger=True).choices == {"a": "big", "b": "big", "c": "big"}

@@ -1,4 +1,4 @@
-"""Pick one format per tensor to minimise total measured sensitivity within a byte budget.
+"""One option per item (a format per tensor, bits per K/V part) minimising total cost within a byte budget.
 
 This is the multiple-choice knapsack problem (MCKP): items (tensors) each have options (format, bytes,
 cost), exactly one option per item, total bytes <= budget, minimise total cost. It is solved exactly:
@@ -21,7 +21,12 @@ cost), exactly one option per item, total bytes <= budget, minimise total cost. 
    items, and says exact=False. `gap` always bounds how far from optimal the answer can be.
 
 Deterministic: the same input gives the same answer. Among options with equal bytes and cost the first
-listed wins; among solutions of equal cost the one with fewer bytes wins.
+listed wins; among solutions of equal cost the one with fewer bytes wins, or with `prefer_larger` the budget
+left is spent on options that cost no more than the chosen ones (largest gain first): the KV cache's
+allocation, where bytes under the ceiling buy safety against measurement noise.
+
+One solver for every allocation: the weights' formats (`mixq.quant.plan`) and the KV cache's bits
+(`mixq.kvcache.policy`).
 """
 
 from __future__ import annotations
@@ -138,6 +143,7 @@ def allocate(
     fixed_bytes: int = 0,
     max_states: int = 20_000,
     max_candidates: int = 40_000,
+    prefer_larger: bool = False,
 ) -> Allocation:
     """Choose one option per item minimising total cost with item bytes + fixed_bytes <= budget_bytes.
 
@@ -158,50 +164,10 @@ def allocate(
     scale = sum(max(abs(c) for _, c, _ in f) for f in fronts) or 1.0
     tol = 1e-9 * scale
 
-    # -- LP relaxation by greedy over hull segments (best cost saved per byte first).
-    hulls = [_lower_hull([(b, c) for b, c, _ in f]) for f in fronts]
-    segs = []
-    for i, h in enumerate(hulls):
-        for k in range(len(h) - 1):
-            (b0, c0, _), (b1, c1, _) = fronts[i][h[k]], fronts[i][h[k + 1]]
-            segs.append(((c0 - c1) / (b1 - b0), i, k, b1 - b0))
-    segs.sort(key=lambda s: (-s[0], s[1], s[2]))
-    pos = [0] * len(fronts)  # current hull vertex per item (greedy incumbent)
-    slack = cap - min_bytes
-    lam, critical, blocked = 0.0, False, set()
-    for eff, i, k, db in segs:
-        if i in blocked:
-            continue
-        if db <= slack:
-            pos[i] = k + 1
-            slack -= db
-        else:
-            if not critical:  # the first segment that does not fit sets lambda
-                critical, lam = True, eff
-            blocked.add(i)
-    # Spend what slack is left on the cheapest option that still fits, hull vertex or not.
-    greedy = []
-    for i, f in enumerate(fronts):
-        cur = f[hulls[i][pos[i]]]
-        best = max((o for o in f if o[0] - cur[0] <= slack), key=lambda o: o[0])
-        slack -= best[0] - cur[0]
-        greedy.append(best)
+    greedy, lam = _greedy(fronts, cap - min_bytes)
     ub = sum(c for _, c, _ in greedy)
     incumbent = [g[2] for g in greedy]
-
-    # -- Lagrangian bound and reduced-cost fixing.
-    reduced = [[c + lam * b for b, c, _ in f] for f in fronts]
-    mins = [min(r) for r in reduced]
-    lower = sum(mins) - lam * cap
-    threshold = ub - lower + tol
-    fixed_choice: dict[int, tuple[int, float, int]] = {}
-    free: list[tuple[int, list[tuple[int, float, int]]]] = []
-    for i, f in enumerate(fronts):
-        keep = [o for o, r in zip(f, reduced[i]) if r - mins[i] <= threshold]
-        if len(keep) == 1:
-            fixed_choice[i] = keep[0]
-        else:
-            free.append((i, keep))
+    lower, fixed_choice, free = _reduced_cost_fixing(fronts, lam, cap, ub, tol)
 
     peak, truncated = 1, False
     if free and ub - lower > tol:
@@ -217,6 +183,8 @@ def allocate(
                 for (i, _), o in zip(free, picks):
                     incumbent[i] = o[2]
 
+    if prefer_larger:
+        _spend_on_ties(opts, incumbent, cap)
     picked = {names[i]: opts[i][j] for i, j in enumerate(incumbent)}
     item_bytes = sum(o.bytes for o in picked.values())
     total_cost = sum(o.cost for o in picked.values())
@@ -242,6 +210,69 @@ def allocate(
             "seconds": round(time.perf_counter() - t0, 4),
         },
     )
+
+
+def _greedy(fronts: list, slack: int) -> tuple[list, float]:
+    """LP relaxation by greedy over the lower hulls' segments (best cost saved per byte first), then what
+    slack is left spent on the cheapest option that still fits, hull vertex or not. -> (one option per item,
+    the Lagrange multiplier: the efficiency of the first segment that did not fit)."""
+    hulls = [_lower_hull([(b, c) for b, c, _ in f]) for f in fronts]
+    segs = []
+    for i, h in enumerate(hulls):
+        for k in range(len(h) - 1):
+            (b0, c0, _), (b1, c1, _) = fronts[i][h[k]], fronts[i][h[k + 1]]
+            segs.append(((c0 - c1) / (b1 - b0), i, k, b1 - b0))
+    segs.sort(key=lambda s: (-s[0], s[1], s[2]))
+    pos = [0] * len(fronts)  # current hull vertex per item (greedy incumbent)
+    lam, critical, blocked = 0.0, False, set()
+    for eff, i, k, db in segs:
+        if i in blocked:
+            continue
+        if db <= slack:
+            pos[i] = k + 1
+            slack -= db
+        else:
+            if not critical:  # the first segment that does not fit sets lambda
+                critical, lam = True, eff
+            blocked.add(i)
+    greedy = []
+    for i, f in enumerate(fronts):
+        cur = f[hulls[i][pos[i]]]
+        best = max((o for o in f if o[0] - cur[0] <= slack), key=lambda o: o[0])
+        slack -= best[0] - cur[0]
+        greedy.append(best)
+    return greedy, lam
+
+
+def _reduced_cost_fixing(fronts: list, lam: float, cap: int, ub: float, tol: float) -> tuple[float, dict, list]:
+    """The Lagrangian lower bound at `lam`, and per item the options whose reduced cost can still beat the
+    incumbent's cost `ub`: -> (bound, item -> its only such option, [(item, its options)] for the rest)."""
+    reduced = [[c + lam * b for b, c, _ in f] for f in fronts]
+    mins = [min(r) for r in reduced]
+    lower = sum(mins) - lam * cap
+    threshold = ub - lower + tol
+    fixed_choice: dict[int, tuple[int, float, int]] = {}
+    free: list[tuple[int, list[tuple[int, float, int]]]] = []
+    for i, f in enumerate(fronts):
+        keep = [o for o, r in zip(f, reduced[i]) if r - mins[i] <= threshold]
+        if len(keep) == 1:
+            fixed_choice[i] = keep[0]
+        else:
+            free.append((i, keep))
+    return lower, fixed_choice, free
+
+
+def _spend_on_ties(opts: list[list[Option]], choice: list[int], cap: int) -> None:
+    """In place: items moved to a larger option costing no more than theirs while the budget allows, the
+    largest gain first (ties: item, then option, in listed order)."""
+    slack = cap - _sum_bytes(opts, choice)
+    ups = [(opts[i][choice[i]].bytes - o.bytes, i, j) for i, ol in enumerate(opts) for j, o in enumerate(ol)
+           if o.bytes > opts[i][choice[i]].bytes and o.cost <= opts[i][choice[i]].cost]
+    for _, i, j in sorted(ups):   # the largest gain (most negative) first
+        cur, o = opts[i][choice[i]], opts[i][j]
+        if o.bytes > cur.bytes and o.cost <= cur.cost and o.bytes - cur.bytes <= slack:
+            slack -= o.bytes - cur.bytes
+            choice[i] = j
 
 
 def _sum_bytes(opts: list[list[Option]], choice: list[int]) -> int:
