@@ -265,6 +265,9 @@ class Calibration(OutsideBlocks):
             w32, made = [], threading.Lock()   # made at the first estimate, after the GPTQ solve (its peak)
 
             def est(q, cheap=False):
+                if len(t.shape) == 3:   # routed experts: their error made a few experts at a time
+                    return stats.parts(p, H[p], lambda e0, e1: stored[p][e0:e1].astype(mx.float32) -
+                                       q.rows(e0, e1, mx.float32), cheap=cheap)
                 with made:   # the round-to-nearest estimates may run in threads of their own
                     if not w32:
                         w32.append(stored[p].astype(mx.float32))

@@ -278,6 +278,29 @@ class Distiller:
             self._done += int(train.shape[0] + valid.shape[0])
         return tuple(Targets(**got[n]) for n in ("train", "valid"))
 
+    def _epoch(self, grad, opt, params, rng, batches: list, train, t_train: Targets) -> tuple:
+        """One pass over the training windows, batches in a random order -> (params, the windows' mean KL)."""
+        import mlx.core as mx
+
+        total = 0.0
+        for j in rng.permutation(len(batches)):
+            a, b = batches[j]
+            loss, g = grad(params, train[a:b], t_train[a:b])
+            params = opt.apply_gradients(g, params)
+            mx.eval(params, opt.state, loss)
+            total += float(loss.item()) * (b - a)
+            self._tick(step_forwards(self.settings) * (b - a))
+        return params, total / train.shape[0]
+
+    def _moved(self, tuned: dict) -> dict:
+        """The tensors of `tuned` (path -> QuantizedWeight) whose source-dtype values differ from the written
+        ones (a small step can round back to the written value)."""
+        import mlx.core as mx
+
+        return {p: q for p, q in tuned.items()
+                if not (mx.array_equal(q.scales, self.tuned[p].scales).item()
+                        and mx.array_equal(q.biases, self.tuned[p].biases).item())}
+
     def run(self, train, valid, state_dir=None) -> tuple[dict, dict]:
         """`train`, `valid`: (n, L) int token windows. Returns path -> QuantizedWeight (tuned, source dtype;
         the written arrays where no epoch beat them) and the record of the run. `state_dir`: where the
@@ -321,17 +344,9 @@ class Distiller:
             rng.bit_generator.state = rec["rng"]
             self._done = window_forwards(replace(st, epochs=len(epochs)), n_train, n_valid)
         for e in range(len(epochs), st.epochs):
-            total = 0.0
-            for j in rng.permutation(len(batches)):
-                a, b = batches[j]
-                loss, g = grad(params, train[a:b], t_train[a:b])
-                params = opt.apply_gradients(g, params)
-                mx.eval(params, opt.state, loss)
-                total += float(loss.item()) * (b - a)
-                self._tick(step_forwards(st) * (b - a))
+            params, train_kl = self._epoch(grad, opt, params, rng, batches, train, t_train)
             val = self._kl(params, valid, t_valid, bs)
-            epochs.append({"epoch": e + 1, "train_kl": float(f"{total / train.shape[0]:.6g}"),
-                           "validation_kl": float(f"{val:.6g}")})
+            epochs.append({"epoch": e + 1, "train_kl": float(f"{train_kl:.6g}"), "validation_kl": float(f"{val:.6g}")})
             if val < best:   # the best epoch kept as it will be written: source-dtype values, not parameters
                 best, best_q, best_epoch = val, self.sb.quantized(params), e + 1
             kept_values = {p: {"scales": q.scales, "biases": q.biases} for p, q in (best_q or {}).items()}
@@ -339,10 +354,7 @@ class Distiller:
                               "rng": rng.bit_generator.state},
                              {"params": params, "opt": opt.state, **({"best": kept_values} if best_q else {})})
         kept = best_q is not None
-        # the tensors whose source-dtype values moved (a small step can round back to the written value)
-        changed = {p: q for p, q in (best_q if kept else {}).items()
-                   if not (mx.array_equal(q.scales, self.tuned[p].scales).item()
-                           and mx.array_equal(q.biases, self.tuned[p].biases).item())}
+        changed = self._moved(best_q or {})
         out = {**self.quantized, **changed}
         record = {
             **st.to_dict(), "batch": bs, "tensors": sorted(changed), "tuned": len(self.tuned), "steps": steps,

@@ -29,6 +29,7 @@ import math
 from mixq.quant.hessian import switch_rows
 
 ESTIMATOR = "fisher-kfac-diag-v1+router-flips-v1"
+EXPERT_CHUNK_BYTES = 64 << 20   # float32 rounding error of routed experts formed at a time (`FisherStats._ysq`)
 
 
 class FisherStats:
@@ -67,30 +68,53 @@ class FisherStats:
             mx.eval(store[path])
 
     def _ysq(self, path: str, H, dW, cheap: bool):
-        """(dW A dW^T)_ii per output channel (per expert for routed experts); `cheap`: A's diagonal only."""
+        """(dW A dW^T)_ii per output channel (per expert for routed experts); `cheap`: A's diagonal only.
+        For routed experts `dW` may be a function (e0, e1) -> experts e0..e1's error, float32: then it is
+        made a few experts at a time, never whole (a 30B-A3B expert tensor's is 2.5 GB in float32)."""
         import mlx.core as mx
 
         gd = self.gd[path]
+        if hasattr(H, "rows"):
+            return self._expert_ysq(H, dW, gd.shape, cheap)
         if cheap:
-            if hasattr(H, "rows"):
-                diag = mx.zeros((gd.shape[0], H.rows.shape[-1])).at[H.ids].add(mx.square(H.rows))
-                return (mx.square(dW.astype(mx.float32)) @ diag[..., None])[..., 0]
             return mx.square(dW.astype(mx.float32)) @ mx.diagonal(H).astype(mx.float32)
-        if hasattr(H, "rows"):  # routed experts: their rows, each through its own expert's dW
-            ysq = mx.zeros(gd.shape)
-            step = max(1, (64 << 20) // (4 * max(dW.shape[-2], 1)))
-            for a in range(0, H.rows.shape[0], step):
-                ids = H.ids[a:a + step]
-                y = mx.gather_mm(H.rows[a:a + step][:, None, :], dW.swapaxes(-1, -2), rhs_indices=ids)[:, 0, :]
-                ysq = ysq.at[ids].add(mx.square(y))
-                mx.eval(ysq)
-            return ysq
         if path in self.rows:
             ysq = mx.zeros((dW.shape[0],))
             for x in self.rows[path]:
                 ysq = ysq + mx.square(x @ dW.T).sum(axis=0)
             return ysq
         return ((dW @ H.astype(mx.float32)) * dW).sum(axis=-1)
+
+    @staticmethod
+    def _expert_ysq(H, dW, shape: tuple, cheap: bool):
+        """`_ysq` for routed experts (`H` their `ExpertGrams`, rows sorted by expert): each expert's rows
+        through its own dW, EXPERT_CHUNK_BYTES of dW at a time."""
+        import mlx.core as mx
+
+        experts, out = shape
+        part = dW if callable(dW) else (lambda e0, e1: dW[e0:e1].astype(mx.float32))
+        cols = H.rows.shape[-1]
+        per = max(1, EXPERT_CHUNK_BYTES // (4 * out * cols))
+        diag = mx.zeros((experts, cols)).at[H.ids].add(mx.square(H.rows)) if cheap else None
+        chunks = []
+        for e0 in range(0, experts, per):
+            e1 = min(e0 + per, experts)
+            d = part(e0, e1)
+            if cheap:
+                ysq = (mx.square(d) @ diag[e0:e1, :, None])[..., 0]
+            else:
+                ysq = mx.zeros((e1 - e0, out))
+                a0, b0 = H.span(e0, e1)
+                step = max(1, (64 << 20) // (4 * max(out, 1)))
+                for a in range(a0, b0, step):
+                    b = min(a + step, b0)
+                    ids = H.ids[a:b] - e0
+                    y = mx.gather_mm(H.rows[a:b][:, None, :], d.swapaxes(-1, -2), rhs_indices=ids)[:, 0, :]
+                    ysq = ysq.at[ids].add(mx.square(y))
+                    mx.eval(ysq)
+            mx.eval(ysq)
+            chunks.append(ysq)
+        return mx.concatenate(chunks, axis=0)
 
     def estimate(self, path: str, H, dW) -> float:
         """1/(2N) sum_i G_i (dW A dW^T)_ii / n for this tensor and the rounding error dW."""

@@ -77,6 +77,10 @@ class ExpertGrams:
     def __len__(self) -> int:
         return self.experts
 
+    def span(self, e0: int, e1: int) -> tuple[int, int]:
+        """The positions of experts e0..e1's rows in `rows` (sorted by expert): [a, b)."""
+        return self._start[e0], self._start[e1]
+
     def chunk(self, e0: int, e1: int):
         import mlx.core as mx
 
