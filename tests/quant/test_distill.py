@@ -157,7 +157,7 @@ def test_the_quantized_students_layers_hold_their_values_only_while_they_run(nem
     nn.quantize(student, class_predicate=lambda p, m: f"{p}.weight" in q and q[f"{p}.weight"].fmt.quant_kwargs())
     d = Distiller(student, q, DistillSettings(student="quantized", top_k=16), teacher=_teacher(nemotron_moe))
     d._become_student()
-    inside, _ = d._by_layer()
+    inside, _ = d._by_layer
     assert inside and sum(len(v) for v in inside.values()) > 0
     params = {p: {"a": v["a"] + 0.01, "c": v["c"] + 0.1} for p, v in d.sb.zeros().items()}
     x = mx.array(_tokens(2, 0))

@@ -213,8 +213,10 @@ class Distiller:
             new = _value_arrays(self.sb.values(params, cast, paths))
         self.model.update(tree_unflatten(new))
 
+    @functools.cached_property
     def _by_layer(self) -> tuple[dict, list]:
-        """(layer index -> its tuned paths relative to the layer, the tuned paths outside the layers)."""
+        """(layer index -> its tuned paths relative to the layer, the tuned paths outside the layers): the
+        model's layout, found once, not at every step."""
         container, _ = layer_container(self.model)
         prefix = next(n for n, m in self.model.named_modules() if m is container) + ".layers."
         inside, outside = {}, []
@@ -233,7 +235,7 @@ class Distiller:
         if self.settings.student == "float":
             self._set(params, cast)
             return self.model(x)
-        inside, outside = self._by_layer()
+        inside, outside = self._by_layer
         self._set(params, cast, outside)
         container, _ = layer_container(self.model)
         layers = container.layers
@@ -413,10 +415,10 @@ def _layer_with_values(sb: ScaleBias, names: dict, params: dict, cast: bool, tra
     back after, so no layer's values outlive it. `train`: checkpointed, only the input and the parameters kept
     for the backward (the layer and its values are made again there); the layer's other arrays are constants."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx.utils import tree_unflatten
 
-    own = [(k, v) for k, v in tree_flatten(layer.parameters())
-           if k in {n for n, _ in _value_arrays(dict.fromkeys(names, (None, None)), names)}]
+    # what `_become_student` put in the layer: the written arrays
+    own = _value_arrays({p: (sb.qs[p].scales, sb.qs[p].biases) for p in names}, names)
 
     def run(ps, h):
         layer.update(tree_unflatten(_value_arrays(sb.values(ps, cast, list(ps)), names)))
