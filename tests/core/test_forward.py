@@ -272,3 +272,24 @@ def test_file_rows_of_every_float_dtype_and_shard(tmp_path, dtype):
                 continue
             rows = FileRows(f, data + e["data_offsets"][0], e["shape"], e["dtype"])
             assert mx.array_equal(rows.rows(3, 17), arrays[name][3:17]).item() and rows.nbytes == arrays[name].nbytes
+
+
+def test_wrapped_layers_runs_the_calls_and_puts_the_layers_back(nemotron_dense):
+    from mixq.core.forward import layer_container, wrapped_layers
+
+    model = load(nemotron_dense).model
+    layers = list(layer_container(model)[0].layers)
+    ref = model(TOKENS)
+    seen = []
+
+    def doubled(i, layer, h, *args, **kwargs):
+        seen.append(i)
+        return layer(h, *args, **kwargs) * 2
+
+    with wrapped_layers(model, {1: lambda layer, h, *a, **k: doubled(1, layer, h, *a, **k)}):
+        changed = model(TOKENS)
+    assert seen == [1] and not np.allclose(np.array(changed), np.array(ref))
+    with pytest.raises(RuntimeError), wrapped_layers(model, {}):
+        raise RuntimeError("inside")
+    assert layer_container(model)[0].layers == layers
+    np.testing.assert_array_equal(np.array(model(TOKENS)), np.array(ref))

@@ -78,6 +78,54 @@ def test_bf16_inputs_computed_in_float32(pair):
     assert kl.dtype == mx.float32 and float(mx.min(kl)) >= 0
 
 
+@pytest.fixture(params=["numpy", "mlx"])
+def kl_path(request, monkeypatch):
+    """KL's per-element work in numpy (the CPU's) and in mlx (a GPU's)."""
+    monkeypatch.setattr(metrics, "numpy_on_cpu", lambda: request.param == "numpy")
+    return request.param
+
+
+def test_small_kl_keeps_its_digits(kl_path):
+    # a KV cache at 8 bits moves the logits by ~1e-3: KL ~1e-7, where a difference of two float32
+    # log-sum-exps (~1e-6 apart) is noise
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(2, 16, 4096)).astype(np.float32) * 3
+    other = ref + rng.normal(size=ref.shape).astype(np.float32) * 1e-3
+    kl = np.array(metrics.kl_per_token(mx.array(ref), mx.array(other)))
+    exact = _np_kl(ref, other)
+    assert exact.mean() < 1e-6
+    np.testing.assert_allclose(kl, exact, rtol=1e-2, atol=1e-8)
+
+
+def test_kl_far_apart_logits_stay_finite(kl_path):
+    # the other model puts logits 200 above the reference's on one token: exp(-d) alone would overflow
+    ref = np.zeros((1, 2, 8), np.float32)
+    other = ref.copy()
+    other[0, 0, 3] = 200.0
+    kl = np.array(metrics.kl_per_token(mx.array(ref), mx.array(other)))
+    np.testing.assert_allclose(kl, _np_kl(ref, other), rtol=1e-5)
+    assert kl[0, 0] > 170 and kl[0, 1] == 0.0
+
+
+def test_kl_masked_vocab_both_paths(kl_path):
+    ref = np.array([[[0.0, 1.0, -np.inf, 2.0], [0.5, -np.inf, -np.inf, 0.0]]], np.float32)
+    other = np.array([[[0.3, 1.0, 4.0, 1.0], [0.0, 3.0, -np.inf, 0.0]]], np.float32)
+    lr, lq = _np_logp(ref)[0], _np_logp(other)[0]
+    expected = (np.exp(lr) * (np.where(np.isfinite(lr), lr, 0.0) - np.where(np.isfinite(lr), lq, 0.0))).sum(-1)
+    kl = np.array(metrics.kl_per_token(mx.array(ref), mx.array(other)))[0]
+    np.testing.assert_allclose(kl, expected, rtol=1e-5)
+
+
+def test_kl_with_the_references_lse_given(pair, kl_path):
+    ref, other = (mx.array(a) for a in pair)
+    lse = metrics.logsumexp(ref)
+    np.testing.assert_allclose(np.array(lse), np.log(np.exp(pair[0].astype(np.float64)).sum(-1)), rtol=1e-6)
+    np.testing.assert_array_equal(np.array(metrics.kl_per_token(ref, other, ref_lse=lse)),
+                                  np.array(metrics.kl_per_token(ref, other)))
+    with pytest.raises(ValueError, match="ref_lse shape"):
+        metrics.kl_per_token(ref, other, ref_lse=lse[:, :3])
+
+
 def test_summarize_with_and_without_mask():
     v = np.arange(20, dtype=np.float32).reshape(2, 10)
     s = metrics.summarize(mx.array(v))

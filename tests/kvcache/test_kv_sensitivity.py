@@ -63,3 +63,49 @@ def test_plain_transformer(qwen3):
     cfg = res["config"]
     assert [l["cache_slot"] for l in cfg["layers"]] == [0, 1, 2]
     assert np.isfinite(cfg["measured_kl"]["kl_mean"])
+
+
+def test_a_candidate_forward_from_its_layer_equals_the_whole_forward(moe):
+    # the layers before the quantized one are not run again (the reference pass kept their output)
+    import mlx.core as mx
+
+    from mixq.core.anatomy import make_cache as base_cache
+    from mixq.core.metrics import kl_per_token
+    from mixq.kvcache.cache import MixedKVCache, fork
+
+    model = moe.model
+    layout = attention_layout(model, describe(model, moe.config))
+    tokens, _ = text_windows(moe.tokenizer, n_samples=2, seq_len=48)
+    res = measure(model, layout, tokens, [3], group_size=64)
+    x = mx.array(tokens)
+    base = base_cache(model)
+    model(x[:, :24], cache=base)
+    ref = model(x[:, 24:], cache=fork(base))
+    for e, rec in zip(layout, res["layers"]):
+        for part, bits in (("k", (3, 16)), ("v", (16, 3))):
+            caches = fork(base)
+            caches[e["cache_slot"]] = MixedKVCache.from_kv_cache(base[e["cache_slot"]], *bits, 64)
+            whole = float(kl_per_token(ref, model(x[:, 24:], cache=caches)).mean())
+            assert rec[part]["3"] == pytest.approx(whole, rel=1e-5) and whole > 0
+    n = len(moe.config["hybrid_override_pattern"])
+    # prefill + reference, then each candidate from its layer on (layers 3 and 6 of 9)
+    assert res["forwards"] == 6 and res["forward_equivalents"] == pytest.approx(2 + 2 * (n - 3) / n + 2 * (n - 6) / n,
+                                                                                abs=0.01)
+
+
+def test_a_family_the_layer_runner_does_not_know_gets_whole_forwards(moe, monkeypatch):
+    import mixq.core.forward as forward
+    from mixq.core.errors import MixqError
+
+    layout = attention_layout(moe.model, describe(moe.model, moe.config))
+    tokens, _ = text_windows(moe.tokenizer, n_samples=2, seq_len=48)
+    skipped = measure(moe.model, layout, tokens, [3], group_size=64)
+
+    def unknown(model):
+        raise MixqError("unknown family")
+
+    monkeypatch.setattr(forward, "layer_container", unknown)
+    whole = measure(moe.model, layout, tokens, [3], group_size=64)
+    assert whole["forward_equivalents"] == whole["forwards"] == skipped["forwards"]
+    assert [r[p]["3"] for r in whole["layers"] for p in "kv"] == \
+        pytest.approx([r[p]["3"] for r in skipped["layers"] for p in "kv"], rel=1e-5)

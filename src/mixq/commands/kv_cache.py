@@ -43,7 +43,7 @@ def run(args) -> int:
     print(f"model      {res['model']}  ({m['model_type']}, layers {m['layer_pattern']})")
     s = cfg["sensitivity"]
     print(f"measured   {s['samples']} windows x ({s['prefix']} prefix + {s['continuation']} scored) tokens, "
-          f"{s['forwards']} forwards, {s['seconds']:.1f}s")
+          f"{s['forwards']} forwards ({s.get('forward_equivalents', s['forwards'])} whole), {s['seconds']:.1f}s")
     print()
     print(f"{'layer':>5} {'slot':>4}  {'K bits':>6} {'V bits':>6} {'group':>5} {'B/token':>7}   "
           f"{'K KL by bits':<40} V KL by bits")

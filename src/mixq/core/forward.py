@@ -44,6 +44,19 @@ def layer_proxy(layer, call):
     return proxy
 
 
+@contextmanager
+def wrapped_layers(model, calls: dict):
+    """Inside: the model's own forward runs layer i as `calls[i](layer, *args, **kwargs)` (`layer_proxy`),
+    the other layers as they are; the model's layer list is restored after."""
+    container, _ = layer_container(model)
+    saved = container.layers
+    container.layers = [layer_proxy(l, calls[i]) if i in calls else l for i, l in enumerate(saved)]
+    try:
+        yield
+    finally:
+        container.layers = saved
+
+
 class BlockRunner:
     """`source` (a `LazyWeights`) with `retain=False`: every block, the embedding and the head are read
     fresh from the files when used and let go after (memory: one block); otherwise the model's own arrays
@@ -257,17 +270,16 @@ class BlockRunner:
                 return head.logits(h)
 
         container, emb_name = layer_container(self.model)
-        saved = {"layers": container.layers, emb_name: getattr(container, emb_name)}
-        container.layers = [layer_proxy(l, functools.partial(resident, i)) for i, l in enumerate(saved["layers"])]
+        embedding = getattr(container, emb_name)
         setattr(container, emb_name, Lookup())
         lm_head = None if self.tied else self.model.lm_head
         if lm_head is not None:
             self.model.lm_head = Project()
+        calls = {i: functools.partial(resident, i) for i in range(len(container.layers))}
         try:
-            with self.module_resident(self.final_norm, self.norm_path + "."):
+            with wrapped_layers(self.model, calls), self.module_resident(self.final_norm, self.norm_path + "."):
                 return self.model(tokens).astype(mx.float32)
         finally:
-            for k, v in saved.items():
-                setattr(container, k, v)
+            setattr(container, emb_name, embedding)
             if lm_head is not None:
                 self.model.lm_head = lm_head

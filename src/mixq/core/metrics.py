@@ -22,8 +22,11 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from mixq.core.blas import numpy_on_cpu
+
 # Elements (B*L*V) of float32 per processed slice: 2**24 floats = 64 MiB per temporary.
 CHUNK_ELEMENTS = 1 << 24
+SHIFT_LIMIT = 60.0   # KL: exp(-d) is taken relative to e^c, c = max(0, max(-d) - SHIFT_LIMIT) (float32 ends at e^88)
 
 
 def log_probs(logits: mx.array) -> mx.array:
@@ -72,20 +75,74 @@ def _per_position(fn, *arrays, chunk_elements: int | None = None) -> mx.array:
     return mx.concatenate([mx.concatenate(by_row[i], axis=1) for i in sorted(by_row)], axis=0)
 
 
-def kl_per_token(ref_logits: mx.array, logits: mx.array, *, chunk_elements: int | None = None) -> mx.array:
-    """KL(p_ref || p) at every position, shape (B, L), float32, from raw logits (>= 0)."""
+def logsumexp(logits: mx.array, *, chunk_elements: int | None = None) -> mx.array:
+    """log-sum-exp of the logits at every position, (B, L) float32: a reference's, computed once for the
+    KLs of several models against it (`kl_per_token(ref_lse=...)`)."""
+    _check3("logits", logits)
+    return _per_position(lambda x: mx.logsumexp(x.astype(mx.float32), axis=-1), logits,
+                         chunk_elements=chunk_elements)
+
+
+def kl_per_token(ref_logits: mx.array, logits: mx.array, *, chunk_elements: int | None = None,
+                 ref_lse: mx.array | None = None) -> mx.array:
+    """KL(p_ref || p) at every position, shape (B, L), float32, from raw logits (>= 0). `ref_lse`: the
+    reference's `logsumexp`, when it is compared with several models.
+
+    With d = ref - logits and p the reference's probabilities, KL = sum p d + log sum p exp(-d), taken as
+    A + log1p(B), B = sum p expm1(-d) (`mixq.core.head`'s form): no difference of two log-sum-exps (O(10)
+    each, so ~1e-6 apart in float32) is formed, and a KL of 1e-9 keeps its digits. Tokens the reference
+    rules out (p = 0) add the other model's mass on them to B. On the CPU the per-element work runs in numpy."""
     _check3("ref_logits", ref_logits)
     _check3("logits", logits)
     if tuple(ref_logits.shape) != tuple(logits.shape):
         raise ValueError(f"shape mismatch: ref {tuple(ref_logits.shape)} vs {tuple(logits.shape)}")
+    if ref_lse is None:
+        ref_lse = logsumexp(ref_logits, chunk_elements=chunk_elements)
+    elif tuple(ref_lse.shape) != tuple(ref_logits.shape[:2]):
+        raise ValueError(f"ref_lse shape {tuple(ref_lse.shape)} does not match logits {tuple(ref_logits.shape)}")
+    return _per_position(_kl_np if numpy_on_cpu() else _kl_mx, ref_logits, logits, ref_lse,
+                         chunk_elements=chunk_elements)
 
-    def kl(r, q):
-        lr, lq = log_probs(r), log_probs(q)
-        p = mx.exp(lr)
-        term = mx.where(p > 0, p * (lr - lq), 0.0)  # 0 * log 0 = 0 where the reference rules a token out
-        return mx.maximum(mx.sum(term, axis=-1), 0.0)
 
-    return _per_position(kl, ref_logits, logits, chunk_elements=chunk_elements)
+def _kl_np(r, q, lse) -> mx.array:
+    """`kl_per_token` on one slice, in numpy."""
+    shape, v = r.shape[:-1], r.shape[-1]
+    r, q = (np.array(x.astype(mx.float32)).reshape(-1, v) for x in (r, q))
+    lse = np.array(lse, dtype=np.float32).reshape(-1, 1)
+    p = np.exp(r - lse)
+    live = p > 0
+    everywhere = bool(live.all())
+    with np.errstate(invalid="ignore"):   # -inf - -inf where both rule a token out: zeroed below
+        d = np.subtract(r, q, out=r)
+    if not everywhere:
+        d[~live] = 0.0
+    s0 = p.sum(axis=-1)
+    a = np.einsum("ij,ij->i", p, d) / s0
+    np.negative(d, out=d)
+    c = np.maximum(d.max(axis=-1) - SHIFT_LIMIT, 0.0)   # exp(-d - c) within float32
+    if c.any():
+        d -= c[:, None]
+    np.expm1(d, out=d)
+    b = np.einsum("ij,ij->i", p, d)
+    if not everywhere:   # the model's mass where the reference has none: p exp(-d) = exp(q - lse)
+        rows, cols = np.nonzero(~live)
+        b += np.bincount(rows, weights=np.exp(q[rows, cols] - lse[rows, 0] - c[rows]), minlength=b.size)
+    kl = np.maximum(a + c + np.log1p(b / s0), 0.0)
+    return mx.array(kl.astype(np.float32).reshape(shape))
+
+
+def _kl_mx(r, q, lse) -> mx.array:
+    """`kl_per_token` on one slice, in mlx (off the CPU)."""
+    r, q = r.astype(mx.float32), q.astype(mx.float32)
+    lse = lse[..., None]
+    p = mx.exp(r - lse)
+    live = p > 0
+    d = mx.where(live, r - q, 0.0)
+    s0 = p.sum(axis=-1)
+    a = (p * d).sum(axis=-1) / s0
+    c = mx.maximum((-d).max(axis=-1) - SHIFT_LIMIT, 0.0)[..., None]
+    b = (p * mx.expm1(-d - c)).sum(axis=-1) + mx.where(live, 0.0, mx.exp(q - lse - c)).sum(axis=-1)
+    return mx.maximum(a + c[..., 0] + mx.log1p(b / s0), 0.0)
 
 
 def _targets_and_mask(logits, targets, mask, shifted: bool):

@@ -65,16 +65,14 @@ def refine(lm, cfg: dict, tokens, cands: list[int], group_size: int) -> tuple[in
     end on the calibration windows against every uniform width within the same byte budget, and return
     the uniform width to use instead when one measures lower (else None), with the measurements."""
     from mixq.kvcache import uniform_config
-    from mixq.kvcache.sensitivity import evaluate
+    from mixq.kvcache.sensitivity import evaluate_many
 
     budget = cfg["allocation"]["budget_bytes_per_token"]
-    mixed = evaluate(lm, cfg, tokens)["kl_mean"]
+    rivals = {b: u for b in cands if b != 16
+              for u in [uniform_config(lm, b, group_size=group_size)] if u["bytes_per_token"] <= budget}
+    mixed, *kls = (r["kl_mean"] for r in evaluate_many(lm, [cfg, *rivals.values()], tokens))
     winner, best, tried = None, mixed, {}
-    for b in cands:
-        u = uniform_config(lm, b, group_size=group_size) if b != 16 else None
-        if u is None or u["bytes_per_token"] > budget:
-            continue
-        kl = evaluate(lm, u, tokens)["kl_mean"]
+    for b, kl in zip(rivals, kls):
         tried[str(b)] = float(f"{kl:.6g}")
         if kl < best:
             winner, best = b, kl

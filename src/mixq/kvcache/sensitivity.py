@@ -5,11 +5,14 @@ float cache (the reference); then for every attention layer, separately for K an
 candidate width: copy the prefilled caches, quantize only that layer's K (or V) at that width, score the
 continuation (its own keys and values enter that cache quantized, as in decoding) and take the mean KL of
 the next-token distribution against the reference. The prefix is prefilled once per batch, so the cost
-is 2 + (attention layers x 2 x candidates) continuation forwards: linear in attention layers.
+is 2 + (attention layers x 2 x candidates) continuation forwards: linear in attention layers. The layers
+before the quantized one compute what they did for the reference, so a candidate's forward starts at its
+layer from the input the reference pass kept (`forward_equivalents` counts the layers run).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -17,7 +20,8 @@ import numpy as np
 
 from mixq.core.errors import MixqError
 
-METHOD = "kv-prefill-quantize-continue-v1"
+METHOD = "kv-prefill-quantize-continue-v2"   # v2: KL without a difference of log-sum-exps
+KEPT_INPUT_BYTES = 512 << 20   # attention layers' inputs kept per batch (a candidate's forward starts there)
 
 
 def _round(x: float) -> float:
@@ -82,12 +86,71 @@ def text_windows(tokenizer, *, n_samples: int, seq_len: int, split: str = "train
     return np.asarray(rows, dtype=np.int32), {**source, "split": split, "samples": n_samples, "seq_len": seq_len}
 
 
-def _kl_sums(ref_logits, logits) -> tuple[float, float, int]:
-    """(sum, sum of squares, count) of the per-position KL(ref || logits)."""
+def _kl_sums(ref_logits, logits, ref_lse) -> tuple[float, float, int]:
+    """(sum, sum of squares, count) of the per-position KL(ref || logits); `ref_lse` the reference's
+    log-sum-exp, computed once for all the candidates."""
     from mixq.core.metrics import kl_per_token
 
-    kl = np.asarray(kl_per_token(ref_logits, logits), dtype=np.float64)
+    kl = np.asarray(kl_per_token(ref_logits, logits, ref_lse=ref_lse), dtype=np.float64)
     return float(kl.sum()), float((kl * kl).sum()), int(kl.size)
+
+
+def _hidden_bytes(model, positions: int) -> int:
+    """A hidden state of `positions` positions as the model's layers pass it on."""
+    import mlx.core as mx
+
+    from mixq.core.forward import layer_container
+
+    container, emb = layer_container(model)
+    h = getattr(container, emb)(mx.zeros((1, 1), dtype=mx.int32))
+    return int(positions) * int(h.shape[-1]) * h.dtype.size
+
+
+def _kept_inputs(layout: list[dict], nbytes: int) -> set:
+    """The attention layers whose input on the continuation is kept, deepest first (their candidates skip
+    the most layers), within KEPT_INPUT_BYTES."""
+    keep = set()
+    for layer in sorted({e["layer"] for e in layout}, reverse=True):
+        if layer > 0 and (len(keep) + 1) * nbytes <= KEPT_INPUT_BYTES:
+            keep.add(layer)
+    return keep
+
+
+def _layer_count(model) -> int | None:
+    """The model's layers, or None for a family the layer runner does not know (whole forwards then)."""
+    from mixq.core.forward import layer_container
+
+    try:
+        return len(layer_container(model)[0].layers)
+    except MixqError:
+        return None
+
+
+def _from_layer(model, tokens, caches, *, first: int = 0, h=None, keep=()):
+    """The logits of `tokens` (evaluated) with the model's layers from `first` on, `h` the input of layer
+    `first` (the layers before it pass their input on, the last of them `h`), and the inputs of the layers
+    in `keep` as they ran: (logits, {layer: input})."""
+    import mlx.core as mx
+
+    from mixq.core.forward import wrapped_layers
+
+    inputs: dict = {}
+
+    def kept(i, layer, x, *args, **kwargs):
+        inputs[i] = x
+        return layer(x, *args, **kwargs)
+
+    calls = {i: functools.partial(kept, i) for i in keep}
+    if first:
+        calls.update({i: lambda layer, x, *args, **kwargs: x for i in range(first - 1)})
+        calls[first - 1] = lambda layer, *args, **kwargs: h
+    if not calls:
+        logits = model(tokens, cache=caches)
+    else:
+        with wrapped_layers(model, calls):
+            logits = model(tokens, cache=caches)
+    mx.eval(logits, list(inputs.values()))
+    return logits, inputs
 
 
 def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_size: int = 64,
@@ -103,6 +166,7 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
     import mlx.core as mx
 
     from mixq.core.anatomy import make_cache as base_cache
+    from mixq.core.metrics import logsumexp
     from mixq.kvcache.cache import FLOAT_BITS, MixedKVCache, fork
 
     tokens = np.asarray(tokens)
@@ -112,8 +176,9 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
         raise MixqError(f"prefix {prefix} must leave a continuation in {length}-token windows")
     quant = sorted({int(b) for b in candidates if int(b) != FLOAT_BITS})
     sums = {(e["layer"], p, b): [0.0, 0.0, 0] for e in layout for p in "kv" for b in quant}
-    forwards, t0 = 0, time.time()
+    forwards, layer_runs, t0 = 0, 0, time.time()
     total = len(layout) * 2 * len(quant)
+    n_layers = _layer_count(model)
     for start in range(0, n, batch_size):
         x = mx.array(tokens[start:start + batch_size])
         bs = x.shape[0]
@@ -121,19 +186,21 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
         model(x[:, :prefix], cache=base)
         mx.eval([c.state for c in base])
         cont = x[:, prefix:]
-        ref = model(cont, cache=fork(base))
-        mx.eval(ref)
-        forwards += 2
+        kept = _kept_inputs(layout, _hidden_bytes(model, cont.size)) if n_layers else set()
+        ref, inputs = _from_layer(model, cont, fork(base), keep=kept)
+        ref_lse = logsumexp(ref)
+        forwards, layer_runs = forwards + 2, layer_runs + 2 * (n_layers or 1)
         done = 0
         for e in layout:
-            s = e["cache_slot"]
+            s, first = e["cache_slot"], e["layer"] if e["layer"] in inputs else 0
             for part in "kv":
                 for b in quant:
                     caches = fork(base)
                     kb, vb = (b, FLOAT_BITS) if part == "k" else (FLOAT_BITS, b)
                     caches[s] = MixedKVCache.from_kv_cache(base[s], kb, vb, group_size)
-                    s1, s2, cnt = _kl_sums(ref, model(cont, cache=caches))
-                    forwards += 1
+                    logits, _ = _from_layer(model, cont, caches, first=first, h=inputs.get(first))
+                    s1, s2, cnt = _kl_sums(ref, logits, ref_lse)
+                    forwards, layer_runs = forwards + 1, layer_runs + (n_layers - first if n_layers else 1)
                     acc = sums[(e["layer"], part, b)]
                     acc[0] += s1
                     acc[1] += s2
@@ -141,6 +208,7 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
                     done += 1
                     if progress:
                         progress(start + bs, n, done, total)
+        del inputs
     layers = []
     for e in layout:
         rec = {"layer": e["layer"], "cache_slot": e["cache_slot"], "se": {}}
@@ -154,6 +222,7 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
             rec[part][str(FLOAT_BITS)] = 0.0
         layers.append(rec)
     return {"method": METHOD, "prefix": prefix, "continuation": length - prefix, "samples": n,
+            "forward_equivalents": round(layer_runs / (n_layers or 1), 2),
             "group_size": group_size, "candidates": sorted({int(b) for b in candidates}),
             "forwards": forwards, "seconds": round(time.time() - t0, 3), "layers": layers}
 
@@ -166,9 +235,16 @@ def evaluate(model, kv_config, tokens, *, prefix: int | None = None, batch_size:
     Returns {"kl_mean", "kl_p99", "kl_max", "top1", "positions", "kv_bytes_per_token"} where
     kv_bytes_per_token is what the caches actually held per token (compute dtype).
     """
+    return evaluate_many(model, [kv_config], tokens, prefix=prefix, batch_size=batch_size,
+                         quantize_after=quantize_after)[0]
+
+
+def evaluate_many(model, kv_configs: list, tokens, *, prefix: int | None = None, batch_size: int = 8,
+                  quantize_after: int = 0) -> list[dict]:
+    """`evaluate` for each of several configs on the same windows, the float reference run once a batch."""
     import mlx.core as mx
 
-    from mixq.core.metrics import kl_per_token, summarize, top1_agreement
+    from mixq.core.metrics import kl_per_token, logsumexp, summarize, top1_agreement
     from mixq.kvcache import make_cache
     from mixq.kvcache.cache import kv_bytes
     from mixq.kvcache.config import unwrap
@@ -179,18 +255,25 @@ def evaluate(model, kv_config, tokens, *, prefix: int | None = None, batch_size:
     prefix = length // 2 if prefix is None else int(prefix)
     if not 0 <= prefix < length:
         raise MixqError(f"prefix {prefix} must leave positions to score in {length}-token windows")
-    kls, agree, nbytes, count = [], [], 0, 0
+    kls, agree, nbytes = ([[] for _ in kv_configs], [[] for _ in kv_configs], [0] * len(kv_configs))
+    count = 0
     for start in range(0, n, batch_size):
         x = mx.array(tokens[start:start + batch_size])
         ref = net(x, cache=make_cache(net))[:, prefix:]
-        caches = make_cache(model, kv_config, quantize_after=quantize_after)
-        out = net(x, cache=caches)[:, prefix:]
-        mx.eval(ref, out)
-        kls.append(np.asarray(kl_per_token(ref, out)))
-        agree.append(top1_agreement(ref, out) * x.shape[0])
-        nbytes += kv_bytes(caches)
+        mx.eval(ref)
+        ref_lse = logsumexp(ref)
+        for i, cfg in enumerate(kv_configs):
+            caches = make_cache(model, cfg, quantize_after=quantize_after)
+            out = net(x, cache=caches)[:, prefix:]
+            mx.eval(out)
+            kls[i].append(np.asarray(kl_per_token(ref, out, ref_lse=ref_lse)))
+            agree[i].append(top1_agreement(ref, out) * x.shape[0])
+            nbytes[i] += kv_bytes(caches)
         count += x.shape[0] * length
-    s = summarize(np.concatenate(kls, axis=0))
-    return {"kl_mean": _round(s["mean"]), "kl_p99": _round(s["p99"]), "kl_max": _round(s["max"]),
-            "top1": _round(sum(agree) / n), "positions": s["n"], "samples": n, "seq_len": length,
-            "prefix": prefix, "kv_bytes_per_token": _round(nbytes / count)}
+    out = []
+    for k, a, b in zip(kls, agree, nbytes):
+        s = summarize(np.concatenate(k, axis=0))
+        out.append({"kl_mean": _round(s["mean"]), "kl_p99": _round(s["p99"]), "kl_max": _round(s["max"]),
+                    "top1": _round(sum(a) / n), "positions": s["n"], "samples": n, "seq_len": length,
+                    "prefix": prefix, "kv_bytes_per_token": _round(b / count)})
+    return out
