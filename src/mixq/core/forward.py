@@ -181,7 +181,13 @@ class BlockRunner:
         return self._cast(w[tokens])
 
     def block(self, i: int, h):
+        from mixq.core.experts import segmented_experts
+
         layer = self.layers[i]
+        with segmented_experts(layer):
+            return self._block(layer, h)
+
+    def _block(self, layer, h):
         if self.family == "nemotron_h":
             kind = layer.block_type
             if kind == "*":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+from mixq.core.experts import sorted_gather_mm
 from mixq.quant.hessian import switch_rows
 
 ESTIMATOR = "fisher-kfac-diag-v1+router-flips-v1"
@@ -109,7 +110,7 @@ class FisherStats:
                 for a in range(a0, b0, step):
                     b = min(a + step, b0)
                     ids = H.ids[a:b] - e0
-                    y = mx.gather_mm(H.rows[a:b][:, None, :], d.swapaxes(-1, -2), rhs_indices=ids)[:, 0, :]
+                    y = sorted_gather_mm(H.rows[a:b][:, None, :], d, ids)[:, 0, :]   # rows sorted by expert
                     ysq = ysq.at[ids].add(mx.square(y))
                     mx.eval(ysq)
             mx.eval(ysq)
