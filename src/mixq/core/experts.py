@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from mixq.core.blas import numpy_on_cpu
+from mixq.core.forward import set_child
 
 
 def segmented_gather_mm(x, weight, indices):
@@ -87,20 +88,10 @@ def segmented_experts(module):
         return
     Segmented = _segmented_class()
     for path, m in found:
-        _set(module, path, Segmented(m))
+        set_child(module, path, Segmented(m))
     try:
         yield
     finally:
         for path, m in found:
-            _set(module, path, m)
+            set_child(module, path, m)
 
-
-def _set(root, path: str, value) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root
-    for part in parent_path.split(".") if parent_path else []:
-        parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part)
-    if isinstance(parent, list):
-        parent[int(name)] = value
-    else:
-        setattr(parent, name, value)

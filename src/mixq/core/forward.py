@@ -28,6 +28,24 @@ def layer_container(model) -> tuple:
     raise MixqError(f"{type(model).__module__}: layer-wise runner does not know this architecture")
 
 
+def child(root, path: str):
+    """The module at a dotted path (list items by index)."""
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
+    return obj
+
+
+def set_child(root, path: str, value) -> None:
+    """Put `value` at a dotted module path."""
+    parent_path, _, name = path.rpartition(".")
+    parent = child(root, parent_path) if parent_path else root
+    if isinstance(parent, list):
+        parent[int(name)] = value
+    else:
+        setattr(parent, name, value)
+
+
 def layer_proxy(layer, call):
     """A module standing in for `layer` in its model's own forward: `call(layer, *args, **kwargs)` runs it.
     The model's forward reads plain attributes of its layers (block_type, use_sliding, ...): copied."""

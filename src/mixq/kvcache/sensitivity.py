@@ -95,15 +95,15 @@ def _kl_sums(ref_logits, logits, ref_lse) -> tuple[float, float, int]:
     return float(kl.sum()), float((kl * kl).sum()), int(kl.size)
 
 
-def _hidden_bytes(model, positions: int) -> int:
-    """A hidden state of `positions` positions as the model's layers pass it on."""
+def _hidden_bytes(model) -> int:
+    """A hidden state's bytes per position as the model's layers pass it on."""
     import mlx.core as mx
 
     from mixq.core.forward import layer_container
 
     container, emb = layer_container(model)
     h = getattr(container, emb)(mx.zeros((1, 1), dtype=mx.int32))
-    return int(positions) * int(h.shape[-1]) * h.dtype.size
+    return int(h.shape[-1]) * h.dtype.size
 
 
 def _kept_inputs(layout: list[dict], nbytes: int) -> set:
@@ -179,6 +179,7 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
     forwards, layer_runs, t0 = 0, 0, time.time()
     total = len(layout) * 2 * len(quant)
     n_layers = _layer_count(model)
+    per_position = _hidden_bytes(model) if n_layers else 0
     for start in range(0, n, batch_size):
         x = mx.array(tokens[start:start + batch_size])
         bs = x.shape[0]
@@ -186,7 +187,7 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
         model(x[:, :prefix], cache=base)
         mx.eval([c.state for c in base])
         cont = x[:, prefix:]
-        kept = _kept_inputs(layout, _hidden_bytes(model, cont.size)) if n_layers else set()
+        kept = _kept_inputs(layout, per_position * cont.size) if n_layers else set()
         ref, inputs = _from_layer(model, cont, fork(base), keep=kept)
         ref_lse = logsumexp(ref)
         forwards, layer_runs = forwards + 2, layer_runs + 2 * (n_layers or 1)
@@ -270,10 +271,10 @@ def evaluate_many(model, kv_configs: list, tokens, *, prefix: int | None = None,
             agree[i].append(top1_agreement(ref, out) * x.shape[0])
             nbytes[i] += kv_bytes(caches)
         count += x.shape[0] * length
-    out = []
+    results = []
     for k, a, b in zip(kls, agree, nbytes):
         s = summarize(np.concatenate(k, axis=0))
-        out.append({"kl_mean": _round(s["mean"]), "kl_p99": _round(s["p99"]), "kl_max": _round(s["max"]),
+        results.append({"kl_mean": _round(s["mean"]), "kl_p99": _round(s["p99"]), "kl_max": _round(s["max"]),
                     "top1": _round(sum(a) / n), "positions": s["n"], "samples": n, "seq_len": length,
                     "prefix": prefix, "kv_bytes_per_token": _round(b / count)})
-    return out
+    return results

@@ -19,25 +19,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from mixq.core.errors import MixqError
+from mixq.core.forward import child, set_child
 
 FISHER_SAMPLES = 1  # label draws per calibration batch (mlx RNG keyed by the seed)
 SHARED_GRAM_BYTES = 128 << 20  # layers fed the same input share its Gram up to this size
-
-
-def child(root, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    return obj
-
-
-def set_child(root, path: str, value) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = child(root, parent_path) if parent_path else root
-    if isinstance(parent, list):
-        parent[int(name)] = value
-    else:
-        setattr(parent, name, value)
 
 
 def switch_rows(x, idx):
