@@ -8,7 +8,7 @@ import pytest
 
 from mixq.core.anatomy import describe
 from mixq.core.modelio import load
-from mixq.kvcache import build_kv_config, load_config, make_cache
+from mixq.kvcache import build_kv_config, load_config, make_cache, uniform_config
 from mixq.kvcache.config import attention_layout
 from mixq.kvcache.sensitivity import evaluate, measure, text_windows
 
@@ -109,3 +109,35 @@ def test_a_family_the_layer_runner_does_not_know_gets_whole_forwards(moe, monkey
     assert whole["forward_equivalents"] == whole["forwards"] == skipped["forwards"]
     assert [r[p]["3"] for r in whole["layers"] for p in "kv"] == \
         pytest.approx([r[p]["3"] for r in skipped["layers"] for p in "kv"], rel=1e-5)
+
+
+def test_moe_experts_run_by_segment_with_the_same_kls_and_are_put_back(moe, monkeypatch):
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    from mixq.core import blas
+    from mixq.core import experts as experts_mod
+
+    layout = attention_layout(moe.model, describe(moe.model, moe.config))
+    tokens, _ = text_windows(moe.tokenizer, n_samples=2, seq_len=48)
+    before = [m for _, m in moe.model.named_modules() if type(m) is SwitchLinear]
+    calls, real = [], experts_mod.segmented_gather_mm
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(experts_mod, "segmented_gather_mm", counted)
+    cfg = uniform_config(moe, 4)
+    seg = measure(moe.model, layout, tokens, [4], group_size=64)
+    seg_ev = evaluate(moe, cfg, tokens)
+    assert calls   # the sorted expert calls took the segmented path
+    assert [m for _, m in moe.model.named_modules() if type(m) is SwitchLinear] == before
+    n = len(calls)
+    monkeypatch.setattr(blas, "NUMPY_ON_CPU", False)   # mlx's gather_mm
+    ref = measure(moe.model, layout, tokens, [4], group_size=64)
+    ref_ev = evaluate(moe, cfg, tokens)
+    assert len(calls) == n
+    for a, b in zip(seg["layers"], ref["layers"]):
+        for part in "kv":
+            assert a[part]["4"] == pytest.approx(b[part]["4"], rel=1e-3, abs=1e-7)
+    assert seg_ev["kl_mean"] == pytest.approx(ref_ev["kl_mean"], rel=1e-3, abs=1e-7)

@@ -163,6 +163,15 @@ def measure(model, layout: list[dict], tokens, candidates: list[int], *, group_s
     heavy-tailed (on MoE models a small perturbation flips a few routing decisions), so it says how far
     to trust a difference; more --samples shrink it.
     """
+    from mixq.core.experts import segmented_experts
+
+    with segmented_experts(model):   # a MoE model's float experts a segment per expert on the CPU
+        return _measure(model, layout, tokens, candidates, group_size=group_size, prefix=prefix,
+                        batch_size=batch_size, progress=progress)
+
+
+def _measure(model, layout: list[dict], tokens, candidates: list[int], *, group_size: int, prefix: int | None,
+             batch_size: int, progress) -> dict:
     import mlx.core as mx
 
     from mixq.core.anatomy import make_cache as base_cache
@@ -245,6 +254,7 @@ def evaluate_many(model, kv_configs: list, tokens, *, prefix: int | None = None,
     """`evaluate` for each of several configs on the same windows, the float reference run once a batch."""
     import mlx.core as mx
 
+    from mixq.core.experts import segmented_experts
     from mixq.core.metrics import kl_per_token, logsumexp, summarize, top1_agreement
     from mixq.kvcache import make_cache
     from mixq.kvcache.cache import kv_bytes
@@ -258,19 +268,20 @@ def evaluate_many(model, kv_configs: list, tokens, *, prefix: int | None = None,
         raise MixqError(f"prefix {prefix} must leave positions to score in {length}-token windows")
     kls, agree, nbytes = ([[] for _ in kv_configs], [[] for _ in kv_configs], [0] * len(kv_configs))
     count = 0
-    for start in range(0, n, batch_size):
-        x = mx.array(tokens[start:start + batch_size])
-        ref = net(x, cache=make_cache(net))[:, prefix:]
-        mx.eval(ref)
-        ref_lse = logsumexp(ref)
-        for i, cfg in enumerate(kv_configs):
-            caches = make_cache(model, cfg, quantize_after=quantize_after)
-            out = net(x, cache=caches)[:, prefix:]
-            mx.eval(out)
-            kls[i].append(np.asarray(kl_per_token(ref, out, ref_lse=ref_lse)))
-            agree[i].append(top1_agreement(ref, out) * x.shape[0])
-            nbytes[i] += kv_bytes(caches)
-        count += x.shape[0] * length
+    with segmented_experts(net):   # a MoE model's float experts a segment per expert on the CPU
+        for start in range(0, n, batch_size):
+            x = mx.array(tokens[start:start + batch_size])
+            ref = net(x, cache=make_cache(net))[:, prefix:]
+            mx.eval(ref)
+            ref_lse = logsumexp(ref)
+            for i, cfg in enumerate(kv_configs):
+                caches = make_cache(model, cfg, quantize_after=quantize_after)
+                out = net(x, cache=caches)[:, prefix:]
+                mx.eval(out)
+                kls[i].append(np.asarray(kl_per_token(ref, out, ref_lse=ref_lse)))
+                agree[i].append(top1_agreement(ref, out) * x.shape[0])
+                nbytes[i] += kv_bytes(caches)
+            count += x.shape[0] * length
     results = []
     for k, a, b in zip(kls, agree, nbytes):
         s = summarize(np.concatenate(k, axis=0))
