@@ -98,6 +98,8 @@ def test_cli_refusals_leave_nothing(nemotron_moe, converted, tmp_path):
     assert r.returncode == 2 and "bits" in r.stderr
     r = _cli(str(nemotron_moe), "-o", str(tmp_path / "d"), "--distill", "--distill-epochs", "0", *small)
     assert r.returncode == 2 and "--distill-epochs" in r.stderr and not (tmp_path / "d").exists()
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "h"), "--hessian-samples", "0", *small)
+    assert r.returncode == 2 and "--hessian-samples" in r.stderr and not (tmp_path / "h").exists()
 
 
 def test_cli_distill_prints_its_line_and_the_undistilled_row(nemotron_moe, tmp_path):
@@ -471,3 +473,24 @@ def test_a_rival_the_estimates_rule_out_is_not_measured(converted, nemotron_moe,
     assert measured_plan["measured_kl_calibration"] > 0
     if not measured["applied"]:
         assert (screened_out / "model.safetensors").read_bytes() == (measured_out / "model.safetensors").read_bytes()
+
+
+def test_gptq_takes_its_grams_over_the_gram_windows_too(converted, nemotron_moe, tmp_path):
+    """--hessian-samples beyond --samples: the write sweep's Grams cover more windows (recorded in plan.json,
+    sized by preflight); the plan is the same (the estimates take the calibration windows) and GPTQ's codes
+    change; at --hessian-samples <= --samples the calibration windows' Grams are kept from the backward."""
+    out, report = converted
+    plan = json.loads((out / "mixq" / "plan.json").read_text())
+    g = plan["rounding"]["gram_windows"]
+    assert g["total_windows"] == 64 and g["n"] == 64 - SMALL["samples"] and g["seq_len"] == SMALL["seq_len"]
+    assert report["preflight"]["memory"]["Gram windows"] == 4 * g["n"] * SMALL["seq_len"] * 64   # hidden 64
+    assert report["preflight"]["memory"]["kept second moments"] == 0
+    own = tmp_path / "own"
+    r2 = convert(ConvertOptions(model=str(nemotron_moe), out=str(own), target_bpw=4.5, hessian_samples=4, **SMALL))
+    plan2 = json.loads((own / "mixq" / "plan.json").read_text())
+    assert "gram_windows" not in plan2["rounding"] and "Gram windows" not in r2["preflight"]["memory"]
+    assert r2["preflight"]["memory"]["kept second moments"] > 0
+    assert {p: e["format"] for p, e in plan2["tensors"].items()} == {p: e["format"] for p, e in plan["tensors"].items()}
+    gptq = [e["module"] for e in plan["tensors"].values() if e["rounding"] == "gptq"]
+    a, b = mx.load(str(out / "model.safetensors")), mx.load(str(own / "model.safetensors"))
+    assert any(not mx.array_equal(a[f"{m}.weight"], b[f"{m}.weight"]).item() for m in gptq)

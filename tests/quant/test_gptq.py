@@ -468,3 +468,21 @@ def test_released_rounding_keeps_no_factor_or_result_and_rounds_the_same_again()
     assert r.name_for("w", fmt) == name
     again = r.quantized("w", mx.array(W), fmt)
     assert all(mx.array_equal(a, b).item() for a, b in zip(first, again))
+
+
+def test_forgotten_results_are_solved_again_with_the_new_hessian():
+    """`forget` (the write sweep's Grams cover more windows): a kept result and its factors solved with the
+    old H are not reused; the tensor is solved again with the new one."""
+    W, X = _problem(rows=64, cols=128, seed=3)
+    _, X2 = _problem(rows=64, cols=128, seed=4)
+    hs = {"w": X.T @ X}
+    r = Rounding(hs)
+    fmt = Format.affine(4, 64)
+    old = r.quantized("w", mx.array(W), fmt)
+    hs["w"] = X2.T @ X2
+    assert all(mx.array_equal(a, b).item() for a, b in zip(r.quantized("w", mx.array(W), fmt), old))   # kept
+    r.forget()
+    new = r.quantized("w", mx.array(W), fmt)
+    fresh = Rounding({"w": X2.T @ X2}).quantized("w", mx.array(W), fmt)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(new, fresh))
+    assert not mx.array_equal(new[0], old[0]).item()

@@ -90,6 +90,9 @@ def test_map_keeps_every_blocks_grams_only_when_all_can_fit(nemotron_dense):
     _, H = make_rounding(a, "gptq")
     H.keep(0, {"a.weight": g})
     assert H.kept(0) is not None   # a tiny model's Grams all fit: kept for the later sweeps
+    _, H = make_rounding(a, "gptq", keep_grams=False)   # the write sweep takes its own (Gram windows)
+    H.keep(0, {"a.weight": g})
+    assert H.kept(0) is None and not H.kept_all([0])
 
 
 @pytest.mark.parametrize("cheap", [False, True])

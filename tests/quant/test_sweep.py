@@ -219,3 +219,48 @@ def test_a_stream_only_written_is_rounded_as_a_measured_one_without_a_forward(fi
     assert r.head_path in written   # an untied head too; a tied one is the embedding's
     assert written.keys() == measured.keys()
     assert all(np.array_equal(written[p], measured[p]) for p in measured)
+
+
+def test_gram_windows_add_their_rows_to_every_gram_and_the_head_s_not_a_kept_one(nemotron_moe):
+    """`gram_tokens`: the Grams (block Linears, routed experts, the untied head) are those of the calibration
+    windows and the Gram windows together, as a sweep over all of them records; a Gram kept from an earlier
+    sweep (the calibration windows only) is not used; nothing is compared on the Gram windows."""
+    lm = load(nemotron_moe, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner()
+    assert not r.tied
+    paths = [t.path for t in candidate_items(a) if t.module_type in ("Linear", "SwitchLinear")] + [r.head_path]
+
+    def grams(sweep, H):
+        seen, orig = {}, H.set_block
+
+        def spy(i, entries):
+            if i is not None:
+                seen.update(entries)
+            orig(i, entries)
+
+        H.set_block = spy
+        res = sweep.run([], grams=True, hessians=H)
+        return seen, res
+
+    calib, extra = _tokens(n=3), _tokens(n=3, seed=1)
+    whole, res = grams(ForwardSweep(r, a, mx.concatenate([calib, extra]), batch_size=2, gptq_paths=paths),
+                       HessianMap(paths))
+    whole_head = res.head_gram
+    H = HessianMap(paths)
+    for i in range(r.num_blocks):   # a wrong Gram kept for every block: must not be used
+        H.keep(i, {p: mx.zeros_like(g) for p, g in whole.items() if not hasattr(g, "rows")
+                   and next(t.layer for t in a.tensors if t.path == p) == i})
+    assert H.kept_all(range(r.num_blocks))
+    got, res = grams(ForwardSweep(r, a, calib, batch_size=2, gptq_paths=paths, gram_tokens=extra), H)
+    head = H.global_[r.head_path]   # set by the sweep: the head is rounded with it
+    assert set(got) == set(whole)
+    for p, g in whole.items():
+        if hasattr(g, "rows"):   # experts: the routed rows of all windows
+            for e in range(g.experts):
+                assert mx.allclose(got[p][e], g[e], rtol=1e-4, atol=1e-3).item(), (p, e)
+        else:
+            assert mx.allclose(got[p], g, rtol=1e-4, atol=1e-3).item(), p
+    assert mx.allclose(head, whole_head, rtol=1e-4, atol=1e-3).item()
+    assert sum(x.shape[0] for x in res.final) == calib.shape[0]   # the calibration windows' states only
+    assert res.block_forwards == (2 + 2) * r.num_blocks   # two batches each

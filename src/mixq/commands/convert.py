@@ -19,6 +19,10 @@ def add_arguments(p) -> None:
     p.add_argument("--calibration", help="calibration text: .jsonl ({text} or {messages}) or .txt "
                                          "(default: the built-in mix)")
     p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--hessian-samples", type=int, default=64,
+                   help="windows GPTQ's second moments are taken over: the calibration windows and more drawn "
+                        "for them alone, run through the float blocks in the write sweep (default 64; "
+                        "<= --samples: the calibration windows only)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-samples", type=int, default=16,
@@ -70,7 +74,8 @@ def _table(report: dict) -> str:
 def run(args) -> int:
     opts = ConvertOptions(
         model=args.model, out=args.out, target_bpw=args.target_bpw, candidates=args.candidates,
-        calibration=args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        calibration=args.calibration, samples=args.samples, hessian_samples=args.hessian_samples,
+        seq_len=args.seq_len, seed=args.seed,
         heldout_samples=args.heldout_samples, compare=args.compare,
         rounding=args.rounding, sensitivity_method=args.sensitivity_method, dry_run=args.dry_run,
         stream_weights=args.stream_weights, refine=args.refine, distill=args.distill,

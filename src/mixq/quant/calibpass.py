@@ -51,15 +51,16 @@ def gptq_paths(anatomy, rounding: str) -> list:
     return [t.path for t in candidate_items(anatomy) if t.module_type in GPTQ_TYPES and t.path.endswith(".weight")]
 
 
-def make_rounding(anatomy, rounding: str, spill=None):
+def make_rounding(anatomy, rounding: str, spill=None, keep_grams: bool = True):
     """The Rounding every pass shares; its Hessians are filled in by the sweeps as they run. `spill`: a
-    directory its kept results go to (see `Rounding`)."""
+    directory its kept results go to (see `Rounding`); `keep_grams=False`: no block's Grams are kept for a
+    later sweep (the write sweep takes its own)."""
     from mixq.quant.rounding import RTN, Rounding
 
     paths = gptq_paths(anatomy, rounding)
     if not paths:
         return RTN, None
-    H = HessianMap(paths, expected_bytes=sum(block_gram_bytes(anatomy).values()))
+    H = HessianMap(paths, expected_bytes=sum(block_gram_bytes(anatomy).values()), keep=keep_grams)
     return Rounding(H, settings={"hessian": "input-gram; embedding: sampled-label fisher",
                                  "fisher_samples": FISHER_SAMPLES}, spill=spill), H
 

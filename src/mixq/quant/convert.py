@@ -52,6 +52,7 @@ class ConvertOptions:
     candidates: str | None = None
     calibration: str | None = None
     samples: int = 16
+    hessian_samples: int = 64   # windows GPTQ's second moments are taken over (the calibration ones, then more)
     seq_len: int = 256
     seed: int = 0
     sensitivity: str | None = None
@@ -89,6 +90,8 @@ def _check_options(opts: ConvertOptions) -> Path:
         raise MixqError(f"--target-bpw must be in (0, 32], got {opts.target_bpw}")
     if opts.samples < 1 or opts.seq_len < 8:
         raise MixqError("--samples must be >= 1 and --seq-len >= 8")
+    if opts.hessian_samples < 1:
+        raise MixqError("--hessian-samples must be >= 1")
     if opts.rounding not in ("gptq", "rtn"):
         raise MixqError(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
     if opts.sensitivity_method not in METHODS:
@@ -149,10 +152,12 @@ def convert(opts: ConvertOptions) -> dict:
         raise MixqError(f"{opts.model} is already quantized; convert from the float model")
     windows = calibration.make_windows(docs, lm.tokenizer, n_samples=opts.samples, seq_len=opts.seq_len,
                                        seed=opts.seed)
+    grams = _gram_windows(opts, docs, lm)
     emb = next(t for t in anatomy.tensors if t.module_type == "Embedding")
     distill = DistillSettings(windows=opts.distill_windows, epochs=opts.distill_epochs, seed=opts.seed) \
         if opts.distill else None
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
+                   gram_samples=0 if grams is None else int(grams.tokens.shape[0]),
                    batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
                    stream_weights=opts.stream_weights, distill=distill, distill_student=opts.distill_student,
                    target_bpw=opts.target_bpw)
@@ -170,7 +175,8 @@ def convert(opts: ConvertOptions) -> dict:
     prog.end()
     runner = lm.runner(retain=not pf.stream_weights)
     work = out.with_name(out.name + ".mixq-work")
-    sens, key, cal, rounding, hessians = _sensitivity(opts, lm, anatomy, runner, windows, candidates, work, prog)
+    sens, key, cal, rounding, hessians = _sensitivity(opts, lm, anatomy, runner, windows, candidates, work, prog,
+                                                      keep_grams=grams is None)
     plan = make_plan(anatomy, sens, candidates, opts.target_bpw, lm.source_dtypes)
 
     tmp = out.with_name(f".{out.name}.mixq-tmp-{os.getpid()}")
@@ -178,8 +184,10 @@ def convert(opts: ConvertOptions) -> dict:
         shutil.rmtree(tmp)
     try:
         timings: dict = {}  # stage -> seconds per block
+        if grams is not None:   # the write sweep's Grams cover more windows: nothing solved with the others is reused
+            rounding.forget()
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
-                                                     candidates, tmp, prog, timings, cal.references)
+                                                     candidates, tmp, prog, timings, cal.references, grams)
         # nothing is rounded again: the distillation and the held-out check run without the sweeps' state
         # (preflight sizes the distillation as a stage of its own)
         rounding.release()
@@ -188,7 +196,8 @@ def convert(opts: ConvertOptions) -> dict:
         del cal
         distillation, undistilled = _distill(opts, distill, lm, anatomy, runner, docs, tmp, work, prog) \
             if distill else (None, None)
-        plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation)
+        plan_doc = _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation,
+                                grams)
         _dump(plan_doc, tmp / "mixq" / "plan.json")
         _dump(sens, tmp / "mixq" / "sensitivity.json")
         check = verify(tmp, plan_doc)
@@ -215,12 +224,13 @@ def convert(opts: ConvertOptions) -> dict:
     return report
 
 
-def _sensitivity(opts, lm, anatomy, runner, windows, candidates, work, prog) -> tuple:
+def _sensitivity(opts, lm, anatomy, runner, windows, candidates, work, prog, keep_grams: bool = True) -> tuple:
     """The sensitivity stage (measured, or read from --sensitivity under the same key): (sensitivity doc,
-    key, the Calibration with its references, the rounding and the Hessians the write reuses)."""
+    key, the Calibration with its references, the rounding and the Hessians the write reuses; `keep_grams`:
+    the blocks' Grams kept for it where they fit)."""
     # solved roundings kept for the write sweep live in files: in memory they were a third of a 9B slice's
     # memory beyond its weights
-    rounding, hessians = make_rounding(anatomy, opts.rounding, spill=work / "rounded")
+    rounding, hessians = make_rounding(anatomy, opts.rounding, spill=work / "rounded", keep_grams=keep_grams)
     key = {
         "method": METHODS[opts.sensitivity_method], "rounding": rounding.settings(), "model": fingerprint(lm.path),
         "candidates": [str(c) for c in candidates], "calibration_sha256": windows.sha256, "samples": opts.samples,
@@ -287,8 +297,9 @@ def _uniform_rivals(anatomy, lm, candidates, plan) -> list:
 
 
 def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians, rivals, tmp, prog, timings,
-                 references):
-    """One sweep on the calibration windows: the plan (written as it is rounded) and its rivals."""
+                 references, grams=None):
+    """One sweep on the calibration windows: the plan (written as it is rounded) and its rivals; `grams`: more
+    windows the float blocks run on for GPTQ's Grams."""
     writer = PlanWriter(tmp, anatomy, formats, lm.source_dtypes, max_shard_bytes=opts.max_shard_bytes)
     tuner = BlockTuner(runner, TuneSettings(seed=opts.seed)) if opts.refine else None
     # the plan runs (a forward and a head comparison) only where its calibration KL decides something: against
@@ -306,7 +317,8 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
         prog.start("evaluate and write" if rivals else "write")
         got, res = evaluate(runner, anatomy, windows.tokens, streams, batch_size=opts.batch_size,
                             gptq_paths=set(hessians.paths) if hessians else (), hessians=hessians,
-                            on_rounded=on_rounded, progress=prog, references=references)
+                            on_rounded=on_rounded, progress=prog, references=references,
+                            gram_tokens=None if grams is None else grams.tokens)
         timings["evaluate and write"] = [round(x, 3) for x in res.block_seconds]
         if tuner is not None:
             got["mixq"]["tuning"] = {**tuner.to_dict(), "kl_calibration_before": got.pop(UNTUNED)["kl_mean"],
@@ -343,10 +355,10 @@ def _screen_rivals(plan, rivals) -> tuple[list, dict]:
 
 
 def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians, candidates, tmp, prog,
-                        timings, references):
+                        timings, references, grams=None):
     rivals, skipped = _screen_rivals(plan, _uniform_rivals(anatomy, lm, candidates, plan))
     got = _write_sweep(opts, lm, anatomy, runner, windows, plan_formats(plan), rounding, hessians, rivals, tmp, prog,
-                       timings, references)
+                       timings, references, grams)
     mixq_calib = got.get("mixq")   # None: not measured (no rival, no tuning)
     refinement = {"applied": False, "compared": {name: got[name]["kl_mean"] for _, name, _ in rivals}}
     if skipped:
@@ -369,11 +381,12 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
         shutil.rmtree(tmp, ignore_errors=True)
         # measured again only when tuned; otherwise it is the rival as measured (the same formats and rounding)
         mixq_calib = _write_sweep(opts, lm, anatomy, runner, windows, fmts, rounding, hessians, [], tmp, prog,
-                                  timings, references).get("mixq") or got[name]
+                                  timings, references, grams).get("mixq") or got[name]
     return mixq_calib, refinement
 
 
-def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation) -> dict:
+def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation,
+                 grams=None) -> dict:
     mixq_calib = mixq_calib or {}
     tuned = {p for b in (mixq_calib.get("tuning") or {}).get("blocks", []) if b["kept"] for p in b["tensors"]}
     distilled = set(distillation["tensors"]) if distillation and distillation["kept"] else set()
@@ -384,7 +397,9 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
         if path in distilled:
             e["distilled"] = True   # scales and biases tuned end to end (mixq.quant.distill)
     plan.update({
-        "rounding": rounding.settings(),
+        "rounding": {**rounding.settings(), **({} if grams is None else {
+            # GPTQ's second moments: the calibration windows and these (the sensitivity estimates: the former)
+            "gram_windows": {**grams.to_dict(), "total_windows": opts.samples + int(grams.tokens.shape[0])}})},
         "model": {"name": str(opts.model), "fingerprint": key["model"], "model_type": anatomy.model_type,
                   "pattern": anatomy.pattern},
         "calibration": {**windows.to_dict(), "source": opts.calibration or "built-in"},
@@ -398,6 +413,15 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
         "command": opts.command,
     })
     return plan
+
+
+def _gram_windows(opts, docs, lm):
+    """The windows GPTQ's Grams take beyond the calibration ones (--hessian-samples in all; their own seed),
+    or None: GPTQ's Hessians are then the calibration windows' (kept from the backward where they fit)."""
+    extra = opts.hessian_samples - opts.samples
+    if extra <= 0 or opts.rounding != "gptq":
+        return None
+    return calibration.make_windows(docs, lm.tokenizer, n_samples=extra, seq_len=opts.seq_len, seed=opts.seed + 2)
 
 
 def _distill(opts, st, lm, anatomy, runner, docs, tmp, work, prog) -> tuple[dict, dict]:

@@ -36,10 +36,12 @@ def summary(res: dict) -> dict:
 
 
 def evaluate(runner, anatomy, tokens, streams: list[Stream], *, batch_size: int = 8, gptq_paths=(),
-             hessians=None, on_rounded=None, progress=None, references=None) -> tuple[dict, object]:
+             hessians=None, on_rounded=None, progress=None, references=None, gram_tokens=None) -> tuple[dict, object]:
     """name -> summary for each stream (and "float" -> its perplexity), plus the sweep result.
-    `references`: the float model's on these windows, when an earlier sweep has them."""
-    sweep = ForwardSweep(runner, anatomy, tokens, batch_size=batch_size, gptq_paths=gptq_paths, progress=progress)
+    `references`: the float model's on these windows, when an earlier sweep has them. `gram_tokens`: more
+    windows GPTQ's second moments are taken over (`ForwardSweep`)."""
+    sweep = ForwardSweep(runner, anatomy, tokens, batch_size=batch_size, gptq_paths=gptq_paths, progress=progress,
+                         gram_tokens=gram_tokens)
     res = sweep.run(streams, grams=hessians is not None, hessians=hessians, on_rounded=on_rounded,
                     references=references)
     out = {name: summary(r) for name, r in res.streams.items()}

@@ -200,16 +200,17 @@ class HessianMap:
     for the block a sweep is at (`set_block`). Block entries are also kept for later sweeps (`keep`)
     while they fit in KEEP_BYTES; a sweep finds them with `kept(i)`. `expected_bytes` (every block's, at
     least): past KEEP_BYTES nothing is kept from the start, instead of up to KEEP_BYTES that would be dropped
-    when the next block does not fit (a later sweep needs every block's)."""
+    when the next block does not fit (a later sweep needs every block's). `keep=False`: nothing is kept (the
+    sweep that rounds takes its own Grams, over more windows)."""
 
-    def __init__(self, gptq_paths, expected_bytes: int = 0):
+    def __init__(self, gptq_paths, expected_bytes: int = 0, keep: bool = True):
         self.paths = set(gptq_paths)
         self.global_: dict = {}
         self.block: dict = {}
         self.block_index: int | None = None
         self._kept: dict = {}
         self._kept_bytes = 0
-        self._full = expected_bytes > KEEP_BYTES
+        self._full = not keep or expected_bytes > KEEP_BYTES
 
     def keep(self, index: int, entries: dict) -> None:
         nbytes = sum(int(a.nbytes) for h in entries.values() for a in hessian_arrays(h))

@@ -165,11 +165,12 @@ def _rounding_bytes(anatomy, candidates) -> int:
 
 
 def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
-              batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4,
+              batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4, gram_samples: int = 0,
               stream_weights: str = "auto", available: int | None = -1,
               distill: DistillSettings | None = None, distill_student: str = "auto",
               target_bpw: float | None = None) -> Preflight:
-    """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `top_k`: routed experts
+    """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `gram_samples`: the
+    windows the write sweep runs beyond the calibration ones for GPTQ's Grams; `top_k`: routed experts
     per token (their input rows are kept for a block); `distill`: the end-to-end stage's settings
     (mixq.quant.distill), None without it; `distill_student` "auto": the float student where it fits in
     `available`, else the quantized one (the written size at `target_bpw` instead of 5 bytes a parameter)."""
@@ -200,12 +201,16 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         "block in float32": 4 * biggest + 2 * biggest,   # the compute copy and the stored read it is cast from
         "block inputs (backward)": act * n_blocks,
         "streams": act * (streams + 2),
-        "second moments": grams + 4 * tokens * top_k * hidden * 2,
-        "kept second moments": kept_gram_bytes(anatomy),   # for the later sweeps, where all fit
+        # a MoE block's routed input rows are kept for its experts' Grams (over every Gram window in the write)
+        "second moments": grams + 4 * (tokens + gram_samples * seq_len) * top_k * hidden * 2,
+        # for the later sweeps, where all fit; none where the write sweep takes its own over more windows
+        "kept second moments": 0 if gram_samples else kept_gram_bytes(anatomy),
         "estimator rows": est_rows,
         "rounding": _rounding_bytes(anatomy, candidates),
         "head": 2 * vocab * hidden + 6 * 4 * positions * head_rows + 2 * 4 * head_rows * hidden,
     }
+    if gram_samples:   # their float hidden states through the write sweep
+        mem["Gram windows"] = 4 * gram_samples * seq_len * hidden
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
         mem["router flips"] = act
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)

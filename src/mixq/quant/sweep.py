@@ -15,6 +15,7 @@ top-1 agreement, next-token NLL. Sweeps report block-forward equivalents for hon
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -78,9 +79,13 @@ def targets_of(x):
 
 
 class ForwardSweep:
-    def __init__(self, runner, anatomy, tokens, *, batch_size: int = 8, gptq_paths=(), progress=None):
+    def __init__(self, runner, anatomy, tokens, *, batch_size: int = 8, gptq_paths=(), progress=None,
+                 gram_tokens=None):
+        """`gram_tokens`: more windows the float blocks run on only for the Grams (grams=True): GPTQ's second
+        moments are taken over them and `tokens` together; nothing is compared or measured on them."""
         self.runner, self.anatomy = runner, anatomy
         self.batches = batches_of(tokens, batch_size)
+        self.gram_batches = batches_of(gram_tokens, batch_size) if gram_tokens is not None else []
         self.gptq_paths = set(gptq_paths)
         self.by_layer: dict = {}
         for t in anatomy.tensors:
@@ -167,6 +172,20 @@ class ForwardSweep:
                 on_rounded(s, r.head_path, q)
         return q
 
+    def _head_gram(self, hn: list, hx: list, hessians):
+        """sum hn hn^T over the final normed states, the Gram windows' with them; with Gram windows it is the
+        untied head's H (the head is rounded after)."""
+        import mlx.core as mx
+
+        r, head_gram = self.runner, None
+        for x in itertools.chain(hn, (r.norm(y) for y in hx)):   # one Gram window's normed states at a time
+            rows = x.reshape(-1, x.shape[-1])
+            head_gram = rows.T @ rows if head_gram is None else head_gram + rows.T @ rows
+            mx.eval(head_gram)
+        if hx and r.head_path in hessians.paths and not r.tied:
+            hessians.global_[r.head_path] = head_gram
+        return head_gram
+
     def _head_stage(self, streams, hn, references, sample_key, emb_q, on_rounded, compare_positions):
         """The float reference (unless given) and labels from the final hidden states `hn`, each measured
         stream compared with it through its own head; an untied head rounded for the streams written only."""
@@ -232,6 +251,14 @@ class ForwardSweep:
         for s in streams:
             s.h = None
         h, emb_q = self._embed(streams, starts, on_rounded)
+        # the Gram windows' float hidden states (the Grams then cover them: a kept Gram, over the
+        # calibration windows only, is not used)
+        hx = []
+        if self.gram_batches and grams and hessians is not None:
+            table = r.embed_table()
+            hx = [r.embed(x, table) for x in self.gram_batches]
+            mx.eval(hx)
+            del table
         inputs = [] if keep_inputs else None
         # the float model runs only for what needs it: the reference, labels, block inputs, streams that
         # branch off later, or Grams not kept from an earlier sweep
@@ -239,13 +266,13 @@ class ForwardSweep:
             raise ValueError("a sweep without the head runs the float blocks only (no streams, no references)")
         float_run = references is None or keep_inputs or sample_key is not None or \
             any((starts[s.name] > 0 and s.measure) or s.tuner is not None for s in streams) or \
-            (grams and hessians is not None and not hessians.kept_all(range(n)))
-        bf = float(len(self.batches) * n) if float_run else 0.0
+            (grams and hessians is not None and (bool(hx) or not hessians.kept_all(range(n))))
+        bf = float((len(self.batches) + len(hx)) * n) if float_run else 0.0
         block_seconds = []
         item = batch_bytes(self.anatomy, h[0].shape) if h else 0   # a batch's temporaries (lanes)
         for i in range(n):
             tb = time.perf_counter()
-            kept = hessians.kept(i) if grams and hessians is not None else None
+            kept = hessians.kept(i) if grams and hessians is not None and not hx else None
             record = grams and (gram_blocks is None or i in gram_blocks)
             members = block_members(self.anatomy, i, self.gptq_paths) if record and kept is None else {}
             with r.resident(i):
@@ -255,6 +282,8 @@ class ForwardSweep:
                 if float_run:
                     with recording(r.model, members) as recs:
                         h = lane_map(lambda x, i=i: r.block(i, x), h_in, item_bytes=item)
+                        if hx:
+                            hx = lane_map(lambda x, i=i: r.block(i, x), hx, item_bytes=item)
                 if hessians is not None and grams:
                     hessians.set_block(i, kept if kept is not None else
                                        {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None})
@@ -291,12 +320,7 @@ class ForwardSweep:
         hn = [r.norm(x) for x in final] if float_run else None
         if hn is not None:
             mx.eval(hn)
-        head_gram = None
-        if grams and float_run:
-            for x in hn:
-                rows = x.reshape(-1, x.shape[-1])
-                head_gram = rows.T @ rows if head_gram is None else head_gram + rows.T @ rows
-            mx.eval(head_gram)
+        head_gram = self._head_gram(hn, hx, hessians) if grams and float_run else None
         references, labels, results = self._head_stage(streams, hn, references, sample_key, emb_q, on_rounded,
                                                        compare_positions)
         return SweepResult(references=references, streams=results, inputs=inputs, final=final, labels=labels,
