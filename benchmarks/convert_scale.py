@@ -51,6 +51,10 @@ LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_s
          "torch_dtype": "bfloat16"}
 
 
+
+# the default convert's Gram windows beyond its calibration windows (--hessian-samples 64, --samples 16)
+GRAM = 48
+
 def _pattern(counts: dict, period: str) -> str:
     """A layer pattern with exactly these counts of each letter, spread in the order of `period`."""
     out, left = [], dict(counts)
@@ -159,10 +163,10 @@ def preflight_of(config: dict, experts: int | None = None) -> dict:
 
     src = {k: "bfloat16" if mx.issubdtype(v.dtype, mx.floating) else "uint32" for k, v in tree_flatten(model.parameters())}
     a = describe(model, cfg)
-    pf = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, hidden=cfg["hidden_size"],
+    pf = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM, hidden=cfg["hidden_size"],
                    vocab=cfg["vocab_size"], top_k=a.top_k, available=None,
                    stream_weights="off")
-    streamed = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8,
+    streamed = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM,
                          hidden=cfg["hidden_size"], vocab=cfg["vocab_size"], top_k=a.top_k,
                          available=None, stream_weights="on")
     kinds = _kinds(cfg)

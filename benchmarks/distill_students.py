@@ -54,6 +54,10 @@ print(json.dumps({"student": student, "rss_gib": resource.getrusage(resource.RUS
 """
 
 
+
+# the default convert's Gram windows beyond its calibration windows (--hessian-samples 64, --samples 16)
+GRAM = 48
+
 def projections() -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -74,7 +78,7 @@ def projections() -> None:
         a = describe(model, cfg)
         got = {}
         for student in ("float", "quantized"):
-            got[student] = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8,
+            got[student] = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM,
                                      hidden=cfg["hidden_size"], vocab=cfg["vocab_size"], top_k=a.top_k,
                                      available=None, stream_weights="on", distill=DistillSettings(),
                                      distill_student=student, target_bpw=4.5)
