@@ -135,6 +135,11 @@ def _recorder_class():
                 y = y + self.probe
             return y
 
+        @property
+        def routed(self) -> bool:
+            """A SwitchLinear's: routed rows kept per expert, not a Gram."""
+            return self._experts is not None
+
         def hessian(self):
             import mlx.core as mx
 

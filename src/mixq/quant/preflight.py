@@ -201,8 +201,8 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         "block in float32": 4 * biggest + 2 * biggest,   # the compute copy and the stored read it is cast from
         "block inputs (backward)": act * n_blocks,
         "streams": act * (streams + 2),
-        # a MoE block's routed input rows are kept for its experts' Grams (over every Gram window in the write)
-        "second moments": grams + 4 * (tokens + gram_samples * seq_len) * top_k * hidden * 2,
+        # a MoE block's routed input rows are kept for its experts' Grams (the calibration windows')
+        "second moments": grams + 4 * tokens * top_k * hidden * 2,
         # for the later sweeps, where all fit; none where the write sweep takes its own over more windows
         "kept second moments": 0 if gram_samples else kept_gram_bytes(anatomy),
         "estimator rows": est_rows,
