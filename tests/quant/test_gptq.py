@@ -470,9 +470,9 @@ def test_released_rounding_keeps_no_factor_or_result_and_rounds_the_same_again()
     assert all(mx.array_equal(a, b).item() for a, b in zip(first, again))
 
 
-def test_forgotten_results_are_solved_again_with_the_new_hessian():
-    """`forget` (the write sweep's Grams cover more windows): a kept result and its factors solved with the
-    old H are not reused; the tensor is solved again with the new one."""
+def test_released_results_are_solved_again_with_the_new_hessian():
+    """`release` before the write sweep whose Grams cover more windows: a kept result and its factors solved
+    with the old H are not reused; the tensor is solved again with the new one."""
     W, X = _problem(rows=64, cols=128, seed=3)
     _, X2 = _problem(rows=64, cols=128, seed=4)
     hs = {"w": X.T @ X}
@@ -481,7 +481,7 @@ def test_forgotten_results_are_solved_again_with_the_new_hessian():
     old = r.quantized("w", mx.array(W), fmt)
     hs["w"] = X2.T @ X2
     assert all(mx.array_equal(a, b).item() for a, b in zip(r.quantized("w", mx.array(W), fmt), old))   # kept
-    r.forget()
+    r.release()
     new = r.quantized("w", mx.array(W), fmt)
     fresh = Rounding({"w": X2.T @ X2}).quantized("w", mx.array(W), fmt)
     assert all(mx.array_equal(a, b).item() for a, b in zip(new, fresh))

@@ -157,7 +157,7 @@ def convert(opts: ConvertOptions) -> dict:
     distill = DistillSettings(windows=opts.distill_windows, epochs=opts.distill_epochs, seed=opts.seed) \
         if opts.distill else None
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
-                   gram_samples=0 if grams is None else int(grams.tokens.shape[0]),
+                   gram_samples=0 if grams is None else grams.n,
                    batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
                    stream_weights=opts.stream_weights, distill=distill, distill_student=opts.distill_student,
                    target_bpw=opts.target_bpw)
@@ -185,7 +185,7 @@ def convert(opts: ConvertOptions) -> dict:
     try:
         timings: dict = {}  # stage -> seconds per block
         if grams is not None:   # the write sweep's Grams cover more windows: nothing solved with the others is reused
-            rounding.forget()
+            rounding.release()
         mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
                                                      candidates, tmp, prog, timings, cal.references, grams)
         # nothing is rounded again: the distillation and the held-out check run without the sweeps' state
@@ -399,7 +399,7 @@ def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, re
     plan.update({
         "rounding": {**rounding.settings(), **({} if grams is None else {
             # GPTQ's second moments: the calibration windows and these (the sensitivity estimates: the former)
-            "gram_windows": {**grams.to_dict(), "total_windows": opts.samples + int(grams.tokens.shape[0])}})},
+            "gram_windows": {**grams.to_dict(), "total_windows": opts.samples + grams.n}})},
         "model": {"name": str(opts.model), "fingerprint": key["model"], "model_type": anatomy.model_type,
                   "pattern": anatomy.pattern},
         "calibration": {**windows.to_dict(), "source": opts.calibration or "built-in"},

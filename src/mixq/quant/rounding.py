@@ -136,13 +136,9 @@ class Rounding:
         return out
 
     def release(self) -> None:
-        """Let the factors and the kept results go (nothing is rounded again); which tensors fell back to
-        round-to-nearest is still known (`name_for`)."""
-        self.forget()
-
-    def forget(self) -> None:
-        """The factors and kept results go: the Hessians are about to change (solved again, a tensor's
-        fallback to round-to-nearest is decided again)."""
+        """Let the factors and the kept results go: nothing is rounded again, or the Hessians are about to
+        change (a tensor asked for again is solved again). Which tensors fell back to round-to-nearest is
+        still known (`name_for`) until then."""
         with self._factor_lock, self._lock:
             self._factors.clear()
             self._cache.clear()

@@ -136,15 +136,17 @@ class ForwardSweep:
                 out[(p, name, id(rounding))] = q
         return out
 
-    def _embed(self, streams, starts, on_rounded) -> tuple:
-        """The float embedding output per batch, and each stream that changes the table started from its
-        rounding (measured streams keep a tied table's rounding for the head: stream name -> it)."""
+    def _embed(self, streams, starts, on_rounded, gram: bool) -> tuple:
+        """The float embedding output per batch (and per Gram window batch, with `gram`), and each stream that
+        changes the table started from its rounding (measured streams keep a tied table's rounding for the
+        head: stream name -> it). The table is read once for all of them."""
         import mlx.core as mx
 
         r = self.runner
         table = r.embed_table()
         h = [r.embed(x, table) for x in self.batches]
-        mx.eval(h)
+        hx = [r.embed(x, table) for x in self.gram_batches] if gram else []
+        mx.eval(h, hx)
         emb = f"{r.embed_path}.weight"
         emb_q = {}
         for s in streams:
@@ -158,7 +160,7 @@ class ForwardSweep:
                 if r.tied and s.measure:   # the head reuses it; an untied table's is let go (0.4 GiB at 9B widths)
                     emb_q[s.name] = q
                 del q
-        return h, emb_q
+        return h, hx, emb_q
 
     def _head_rounding(self, s: Stream, emb_q: dict, on_rounded):
         """The stream's rounded head, or None where it runs the float one: a tied table's rounding as kept
@@ -264,15 +266,9 @@ class ForwardSweep:
         starts = {s.name: self._start(s) for s in streams}
         for s in streams:
             s.h = None
-        h, emb_q = self._embed(streams, starts, on_rounded)
-        # the Gram windows' float hidden states (the Grams then cover them: a kept Gram, over the
+        # hx: the Gram windows' float hidden states (the Grams then cover them: a kept Gram, over the
         # calibration windows only, is not used)
-        hx = []
-        if self.gram_batches and grams and hessians is not None:
-            table = r.embed_table()
-            hx = [r.embed(x, table) for x in self.gram_batches]
-            mx.eval(hx)
-            del table
+        h, hx, emb_q = self._embed(streams, starts, on_rounded, gram=grams and hessians is not None)
         inputs = [] if keep_inputs else None
         # the float model runs only for what needs it: the reference, labels, block inputs, streams that
         # branch off later, or Grams not kept from an earlier sweep
