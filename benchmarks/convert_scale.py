@@ -163,10 +163,10 @@ def preflight_of(config: dict, experts: int | None = None) -> dict:
 
     src = {k: "bfloat16" if mx.issubdtype(v.dtype, mx.floating) else "uint32" for k, v in tree_flatten(model.parameters())}
     a = describe(model, cfg)
-    pf = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM, hidden=cfg["hidden_size"],
+    pf = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM, own_inputs=True, hidden=cfg["hidden_size"],
                    vocab=cfg["vocab_size"], top_k=a.top_k, available=None,
                    stream_weights="off")
-    streamed = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM,
+    streamed = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM, own_inputs=True,
                          hidden=cfg["hidden_size"], vocab=cfg["vocab_size"], top_k=a.top_k,
                          available=None, stream_weights="on")
     kinds = _kinds(cfg)

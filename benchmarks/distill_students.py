@@ -78,7 +78,7 @@ def projections() -> None:
         a = describe(model, cfg)
         got = {}
         for student in ("float", "quantized"):
-            got[student] = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM,
+            got[student] = preflight(a, list(DEFAULT_CANDIDATES), src, samples=16, seq_len=256, batch_size=8, gram_samples=GRAM, own_inputs=True,
                                      hidden=cfg["hidden_size"], vocab=cfg["vocab_size"], top_k=a.top_k,
                                      available=None, stream_weights="on", distill=DistillSettings(),
                                      distill_student=student, target_bpw=4.5)

@@ -32,6 +32,9 @@ def converted(nemotron_moe, tmp_path_factory):
 def test_written_model_matches_plan_and_budget(converted):
     out, report = converted
     plan = json.loads((out / "mixq" / "plan.json").read_text())
+    # by default GPTQ fits the written layers to the quantized model's own inputs; preflight sizes that
+    assert plan["rounding"]["inputs"].startswith("quantized") and report["preflight"]["memory"]["own inputs"] > 0
+    assert plan["measured_kl_calibration"] > 0   # the stream runs for its inputs: measured on the way
     assert plan["achieved_bpw"] <= 4.5
     assert report["verify"]["ok"] and report["verify"]["bpw"] == pytest.approx(plan["achieved_bpw"], rel=1e-12)
     # MoE experts and shared experts are allocated like every other tensor
@@ -100,6 +103,8 @@ def test_cli_refusals_leave_nothing(nemotron_moe, converted, tmp_path):
     assert r.returncode == 2 and "--distill-epochs" in r.stderr and not (tmp_path / "d").exists()
     r = _cli(str(nemotron_moe), "-o", str(tmp_path / "h"), "--hessian-samples", "0", *small)
     assert r.returncode == 2 and "--hessian-samples" in r.stderr and not (tmp_path / "h").exists()
+    r = _cli(str(nemotron_moe), "-o", str(tmp_path / "g"), "--gptq-inputs", "both", *small)
+    assert r.returncode == 2 and "--gptq-inputs" in r.stderr and not (tmp_path / "g").exists()
 
 
 def test_cli_distill_prints_its_line_and_the_undistilled_row(nemotron_moe, tmp_path):
@@ -351,12 +356,15 @@ def _only_scales_and_biases_changed(out, plain_out, plan, changed: set) -> None:
         assert same == (p not in changed), p
 
 
-def test_refine_tunes_scales_and_biases_only_and_records_it(converted, nemotron_moe, tmp_path):
+def test_refine_tunes_scales_and_biases_only_and_records_it(nemotron_moe, tmp_path):
     """--refine: the same plan and integer codes as without it, the scales and biases of the blocks whose
-    tuning lowered their loss changed (and only those), recorded in plan.json and the report; verified."""
-    plain_out, _ = converted
+    tuning lowered their loss changed (and only those), recorded in plan.json and the report; verified. (GPTQ
+    on the float inputs: against the quantized model's own, a tuned block changes what the next one sees.)"""
+    plain_out = tmp_path / "plain"
+    convert(ConvertOptions(model=str(nemotron_moe), out=str(plain_out), target_bpw=4.5, gptq_inputs="float", **SMALL))
     out = tmp_path / "refined"
-    report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5, refine=True, **SMALL))
+    report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5, refine=True,
+                                    gptq_inputs="float", **SMALL))
     assert report["verify"]["ok"]
     plan = json.loads((out / "mixq" / "plan.json").read_text())
     plain = json.loads((plain_out / "mixq" / "plan.json").read_text())
@@ -366,6 +374,7 @@ def test_refine_tunes_scales_and_biases_only_and_records_it(converted, nemotron_
     assert report["tuning"]["blocks"] == len(t["blocks"]) and report["tuning"]["loss_after"] <= t["loss_before"]
     assert t["kl_calibration_after"] == plan["measured_kl_calibration"]
     assert plain["tuning"] is None
+    assert "inputs" not in plan["rounding"]   # --gptq-inputs float: the float model's inputs, as before
     tuned = {p for p, e in plan["tensors"].items() if e.get("tuned")}
     assert tuned
     _only_scales_and_biases_changed(out, plain_out, plan, tuned)
@@ -467,8 +476,9 @@ def test_a_rival_the_estimates_rule_out_is_not_measured(converted, nemotron_moe,
     fmts, _ = uniform_formats(describe(lm.model, lm.config), Format.parse(name))
     want = sum(e["sensitivity"][str(fmts[p])] for p, e in plan["tensors"].items())
     assert screened["not_measured"]["predicted_kl"][name] == pytest.approx(want, rel=1e-5)
-    # with no rival the plan is only rounded and written (no forward): its calibration KL is not measured
-    assert plan["measured_kl_calibration"] is None and plan["measured_heldout"]["kl_mean"] > 0
+    # with no rival the plan still runs (GPTQ takes its own inputs), so its calibration KL is measured; the
+    # rival's stream changes nothing written
+    assert plan["measured_kl_calibration"] > 0 and plan["measured_heldout"]["kl_mean"] > 0
     measured_plan = json.loads((measured_out / "mixq" / "plan.json").read_text())
     assert measured_plan["measured_kl_calibration"] > 0
     if not measured["applied"]:

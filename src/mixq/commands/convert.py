@@ -33,6 +33,10 @@ def add_arguments(p) -> None:
     p.add_argument("--rounding", choices=("gptq", "rtn"), default="gptq",
                    help="how weights are rounded to affine formats: gptq (error-compensating, against "
                         "calibration second moments; default) or rtn (round to nearest, like mlx-lm)")
+    p.add_argument("--gptq-inputs", choices=("quantized", "float"), default="quantized",
+                   help="the inputs GPTQ's written layers are fitted on: quantized (the written model's own, "
+                        "layer after layer, matched to the float model's outputs; default) or float (the float "
+                        "model's inputs, as the sensitivity estimates use)")
     p.add_argument("--sensitivity", help="reuse a sensitivity.json measured with the same settings")
     p.add_argument("--sensitivity-method", choices=("estimate", "exact"), default="estimate",
                    help="estimate (default): per-position Fisher estimates from one backward pass, calibrated per "
@@ -77,7 +81,7 @@ def run(args) -> int:
         calibration=args.calibration, samples=args.samples, hessian_samples=args.hessian_samples,
         seq_len=args.seq_len, seed=args.seed,
         heldout_samples=args.heldout_samples, compare=args.compare,
-        rounding=args.rounding, sensitivity_method=args.sensitivity_method, dry_run=args.dry_run,
+        rounding=args.rounding, gptq_inputs=args.gptq_inputs, sensitivity_method=args.sensitivity_method, dry_run=args.dry_run,
         stream_weights=args.stream_weights, refine=args.refine, distill=args.distill,
         distill_windows=args.distill_windows, distill_epochs=args.distill_epochs,
         distill_student=args.distill_student,
@@ -106,7 +110,8 @@ def run(args) -> int:
             " [exact KL on {compared} of {of} positions]".format(**fit["positions"])
             if fit.get("positions", {}).get("compared", 0) < fit.get("positions", {}).get("of", 0) else ""))
     rnd = report["rounding"]
-    print(f"rounding: {rnd['method']} ({', '.join(f'{n} {k}' for k, n in rnd['tensors'].items() if n)})")
+    on = f", fitted to the {rnd['inputs']} inputs" if rnd.get("inputs") else ""
+    print(f"rounding: {rnd['method']}{on} ({', '.join(f'{n} {k}' for k, n in rnd['tensors'].items() if n)})")
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     measured = plan["measured_kl_calibration"]
     print(f"KL on calibration: predicted {plan['predicted_kl']:.5f}, " + (

@@ -28,6 +28,7 @@ from mixq.core.progress import Progress
 from mixq.core.stwriter import MLX_SHARD_BYTES, patch
 from mixq.quant import calibration
 from mixq.quant.apply import verify
+from mixq.quant.asymmetric import OwnInputs
 from mixq.quant.calibpass import Calibration, make_rounding
 from mixq.quant.distill import STUDENTS, DistillSettings, Distiller, streamed_targets
 from mixq.quant.evaluate import WrittenModel, evaluate
@@ -60,6 +61,7 @@ class ConvertOptions:
     heldout_samples: int = 16
     compare: str = "4:64"   # baselines measured beside the written model on held-out text ("none": only it)
     rounding: str = "gptq"
+    gptq_inputs: str = "quantized"   # the written layers' GPTQ against the quantized model's inputs, or "float"
     force: bool = False
     progress: bool = True
     dry_run: bool = False
@@ -94,6 +96,8 @@ def _check_options(opts: ConvertOptions) -> Path:
         raise MixqError("--hessian-samples must be >= 1")
     if opts.rounding not in ("gptq", "rtn"):
         raise MixqError(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
+    if opts.gptq_inputs not in ("quantized", "float"):
+        raise MixqError(f"--gptq-inputs must be quantized or float, got {opts.gptq_inputs!r}")
     if opts.sensitivity_method not in METHODS:
         raise MixqError(f"--sensitivity-method must be one of {', '.join(METHODS)}, got {opts.sensitivity_method!r}")
     if opts.stream_weights not in ("auto", "on", "off"):
@@ -158,6 +162,7 @@ def convert(opts: ConvertOptions) -> dict:
         if opts.distill else None
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
                    gram_samples=0 if grams is None else grams.n,
+                   own_inputs=opts.gptq_inputs == "quantized" and opts.rounding == "gptq",
                    batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
                    stream_weights=opts.stream_weights, distill=distill, distill_student=opts.distill_student,
                    target_bpw=opts.target_bpw)
@@ -186,8 +191,9 @@ def convert(opts: ConvertOptions) -> dict:
         timings: dict = {}  # stage -> seconds per block
         if grams is not None:   # the write sweep's Grams cover more windows: nothing solved with the others is reused
             rounding.release()
-        mixq_calib, refinement = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians,
-                                                     candidates, tmp, prog, timings, cal.references, grams)
+        mixq_calib, refinement, rounding = _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding,
+                                                               hessians, candidates, tmp, prog, timings,
+                                                               cal.references, grams)
         # nothing is rounded again: the distillation and the held-out check run without the sweeps' state
         # (preflight sizes the distillation as a stage of its own)
         rounding.release()
@@ -299,15 +305,26 @@ def _uniform_rivals(anatomy, lm, candidates, plan) -> list:
 def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians, rivals, tmp, prog, timings,
                  references, grams=None):
     """One sweep on the calibration windows: the plan (written as it is rounded) and its rivals; `grams`: more
-    windows the float blocks run on for GPTQ's Grams."""
+    windows the float blocks run on for GPTQ's Grams. Returns the streams' results and the plan's rounding
+    (its own, where GPTQ rounds against the quantized model's inputs)."""
     writer = PlanWriter(tmp, anatomy, formats, lm.source_dtypes, max_shard_bytes=opts.max_shard_bytes)
     tuner = BlockTuner(runner, TuneSettings(seed=opts.seed)) if opts.refine else None
+    own = opts.gptq_inputs == "quantized" and hessians is not None
+
+    def stream(name, fmts, **kw):   # with own inputs the stream runs (every window) and has a rounding of its own
+        if not own:
+            return Stream(name, fmts, rounding, **kw)
+        return Stream(name, fmts, rounding.fork(OwnInputs(hessians), inputs="quantized model's"),
+                      own_inputs=True, **{**kw, "measure": True})
+
     # the plan runs (a forward and a head comparison) only where its calibration KL decides something: against
-    # a rival, or its tuning's effect; otherwise it is rounded and written, and held-out text measures it
-    plan_stream = Stream("mixq", formats, rounding, tuner=tuner, measure=bool(rivals) or tuner is not None)
+    # a rival, or its tuning's effect, or where its own inputs are needed; otherwise it is rounded and written,
+    # and held-out text measures it. A rival is rounded against the float inputs, as it would be written if it
+    # won (its own inputs would cost it as much again as the plan's)
+    plan_stream = stream("mixq", formats, tuner=tuner, measure=bool(rivals) or tuner is not None)
     streams = [plan_stream] + [Stream(name, fmts, rounding) for _, name, fmts in rivals]
     if tuner is not None:   # the same rounding untuned: the tuning's effect on the calibration KL
-        streams.append(Stream(UNTUNED, formats, rounding))
+        streams.append(stream(UNTUNED, formats))
 
     def on_rounded(stream, path, q):
         if stream is plan_stream:
@@ -332,7 +349,7 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
         writer.abort()
         raise
     prog.end()
-    return got
+    return got, plan_stream.rounding
 
 
 def _predicted_kl(plan, fmts) -> float:
@@ -357,8 +374,8 @@ def _screen_rivals(plan, rivals) -> tuple[list, dict]:
 def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hessians, candidates, tmp, prog,
                         timings, references, grams=None):
     rivals, skipped = _screen_rivals(plan, _uniform_rivals(anatomy, lm, candidates, plan))
-    got = _write_sweep(opts, lm, anatomy, runner, windows, plan_formats(plan), rounding, hessians, rivals, tmp, prog,
-                       timings, references, grams)
+    got, written = _write_sweep(opts, lm, anatomy, runner, windows, plan_formats(plan), rounding, hessians, rivals,
+                                tmp, prog, timings, references, grams)
     mixq_calib = got.get("mixq")   # None: not measured (no rival, no tuning)
     refinement = {"applied": False, "compared": {name: got[name]["kl_mean"] for _, name, _ in rivals}}
     if skipped:
@@ -380,9 +397,10 @@ def _evaluate_and_write(opts, lm, anatomy, runner, windows, plan, rounding, hess
         plan["predicted_kl"] = _predicted_kl(plan, fmts)
         shutil.rmtree(tmp, ignore_errors=True)
         # measured again only when tuned; otherwise it is the rival as measured (the same formats and rounding)
-        mixq_calib = _write_sweep(opts, lm, anatomy, runner, windows, fmts, rounding, hessians, [], tmp, prog,
-                                  timings, references, grams).get("mixq") or got[name]
-    return mixq_calib, refinement
+        again, written = _write_sweep(opts, lm, anatomy, runner, windows, fmts, rounding, hessians, [], tmp, prog,
+                                      timings, references, grams)
+        mixq_calib = again.get("mixq") or got[name]
+    return mixq_calib, refinement, written
 
 
 def _finish_plan(opts, plan, lm, anatomy, windows, key, rounding, mixq_calib, refinement, distillation,

@@ -166,11 +166,12 @@ def _rounding_bytes(anatomy, candidates) -> int:
 
 def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
               batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4, gram_samples: int = 0,
-              stream_weights: str = "auto", available: int | None = -1,
+              own_inputs: bool = False, stream_weights: str = "auto", available: int | None = -1,
               distill: DistillSettings | None = None, distill_student: str = "auto",
               target_bpw: float | None = None) -> Preflight:
     """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `gram_samples`: the
-    windows the write sweep runs beyond the calibration ones for GPTQ's Grams; `top_k`: routed experts
+    windows the write sweep runs beyond the calibration ones for GPTQ's Grams; `own_inputs`: the written
+    stream's GPTQ takes its own inputs (mixq.quant.asymmetric); `top_k`: routed experts
     per token (their input rows are kept for a block); `distill`: the end-to-end stage's settings
     (mixq.quant.distill), None without it; `distill_student` "auto": the float student where it fits in
     `available`, else the quantized one (the written size at `target_bpw` instead of 5 bytes a parameter)."""
@@ -211,6 +212,20 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     }
     if gram_samples:   # their float hidden states through the write sweep
         mem["Gram windows"] = 4 * gram_samples * seq_len * hidden
+    if own_inputs:   # mixq.quant.asymmetric: the stream's states on the Gram windows (and their next block's),
+        # the float run's input rows of a block's dense layers over every window (each layer's width counted: an
+        # upper bound where layers share an input), a group's C and the target's factor of H~ (H~ and GPTQ's factor
+        # are counted with the second moments and the rounding), and the largest
+        # dense tensor's target W' in its source dtype
+        dense = [t for t in candidate_items(anatomy) if t.module_type == "Linear"]
+        widest = max((t.shape[-1] for t in dense), default=0)
+        widths: dict = {}
+        for t in dense:
+            if t.layer is not None:
+                widths[t.layer] = widths.get(t.layer, 0) + t.shape[-1]
+        mem["own inputs"] = 2 * 4 * gram_samples * seq_len * hidden + \
+            4 * (samples + gram_samples) * seq_len * max(widths.values(), default=0) + 2 * 4 * widest ** 2 + \
+            max((t.params * dtype_itemsize(source_dtypes.get(t.path, t.dtype)) for t in dense), default=0)
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
         mem["router flips"] = act
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)

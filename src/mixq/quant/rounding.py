@@ -144,6 +144,13 @@ class Rounding:
             self._cache.clear()
             self._cache_bytes = 0
 
+    def fork(self, hessians, **settings) -> "Rounding":
+        """The same rounding reading other Hessians (`asymmetric.OwnInputs`: a stream's own inputs); it keeps
+        no results (each tensor is solved once, for the stream that owns it)."""
+        out = Rounding(hessians, settings={**self._settings, **settings}, clip=self.clip)
+        out._budget = 0
+        return out
+
     def _keep(self, res: tuple):
         if self._spill is None:
             return res

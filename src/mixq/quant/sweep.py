@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from mixq.core.formats import Format
 from mixq.core.head import compare_many
 from mixq.core.lanes import batch_bytes, lane_map, thread_map
+from mixq.quant import asymmetric
+from mixq.quant.asymmetric import OwnInputs
 from mixq.quant.gptq import gptq_work_bytes
 from mixq.quant.hessian import HessianMap, block_members, recording
 from mixq.quant.qweight import QuantizedWeight, round_weight, round_weights
@@ -43,11 +45,19 @@ class Stream:
     # False: the stream's tensors are only rounded (and handed to on_rounded), never run or compared; a plan
     # written without a measurement costs no forward
     measure: bool = True
+    # True: GPTQ rounds the dense layers against this stream's own inputs (`quant.asymmetric`); its rounding
+    # reads `asymmetric.OwnInputs`, and the stream runs the Gram windows too
+    own_inputs: bool = False
     h: list | None = field(default=None, repr=False)
+    hx: list | None = field(default=None, repr=False)   # its hidden states on the Gram windows (own_inputs)
 
     def __post_init__(self):
         if self.tuner is not None and not self.measure:
             raise ValueError(f"stream {self.name}: a tuned stream runs its blocks (measure=True)")
+        if self.own_inputs and (not self.measure or not isinstance(getattr(self.rounding, "hessians", None),
+                                                                   OwnInputs)):
+            raise ValueError(f"stream {self.name}: rounding against its own inputs needs measure=True and a "
+                             "rounding that reads asymmetric.OwnInputs")
 
     def touched(self) -> set:
         out = {p for p, f in self.formats.items() if f.is_quantized}
@@ -156,26 +166,34 @@ class ForwardSweep:
                     on_rounded(s, emb, q)
                 if s.measure:
                     s.h = [q.take(x, r.compute) for x in self.batches]
-                    mx.eval(s.h)
+                    s.hx = [q.take(x, r.compute) for x in self.gram_batches] if s.own_inputs and gram else []
+                    mx.eval(s.h, s.hx)
                 if r.tied and s.measure:   # the head reuses it; an untied table's is let go (0.4 GiB at 9B widths)
                     emb_q[s.name] = q
                 del q
         return h, hx, emb_q
 
-    def _head_rounding(self, s: Stream, emb_q: dict, on_rounded):
+    def _head_rounding(self, s: Stream, emb_q: dict, on_rounded, finals: list | None = None):
         """The stream's rounded head, or None where it runs the float one: a tied table's rounding as kept
-        from the embedding (`emb_q`), otherwise rounded here and handed to `on_rounded`."""
+        from the embedding (`emb_q`), otherwise rounded here and handed to `on_rounded`. `finals`: (float,
+        stream) final normed states batch for batch, for a stream rounding against its own inputs."""
         r = self.runner
         if r.head_path not in s.touched():
             return None
         q = emb_q.get(s.name)   # held only for a tied head
-        if q is None:
+        f = s.formats.get(r.head_path)
+        if q is None and finals and f is not None and s.rounding.uses_gptq(r.head_path, f) and \
+                (s.quantized is None or r.head_path not in s.quantized.keys()):
+            q = asymmetric.round_head(r, s, f, [a for a, _ in finals], [b for _, b in finals])
+            if on_rounded:
+                on_rounded(s, r.head_path, q)
+        elif q is None:
             q = self._rounded(s, r.head_path, {r.head_path: r.head_weight()})
             if on_rounded:
                 on_rounded(s, r.head_path, q)
         return q
 
-    def _gram_run(self, i: int, hx: list, recs: dict, item: int) -> list:
+    def _gram_run(self, i: int, hx: list, recs: dict, item: int, fn=None) -> list:
         """Block i on the Gram windows, recorded by the dense layers only: a routed expert keeps the
         calibration windows' rows (on the 128-expert 30B-A3B slice at 2 bits, the experts' GPTQ over 64 windows
         measured 1.23-1.24x the held-out KL of 16 windows'; and their rows would grow with every window)."""
@@ -183,7 +201,7 @@ class ForwardSweep:
         for rec in routed:
             rec.paused = True
         try:
-            return lane_map(lambda x: self.runner.block(i, x), hx, item_bytes=item)
+            return lane_map(fn or (lambda x: self.runner.block(i, x)), hx, item_bytes=item)
         finally:
             for rec in routed:
                 rec.paused = False
@@ -202,9 +220,10 @@ class ForwardSweep:
             hessians.global_[r.head_path] = head_gram
         return head_gram
 
-    def _head_stage(self, streams, hn, references, sample_key, emb_q, on_rounded, compare_positions):
+    def _head_stage(self, streams, hn, references, sample_key, emb_q, on_rounded, compare_positions, hx=()):
         """The float reference (unless given) and labels from the final hidden states `hn`, each measured
-        stream compared with it through its own head; an untied head rounded for the streams written only."""
+        stream compared with it through its own head; an untied head rounded for the streams written only.
+        `hx`: the float model's final states on the Gram windows (streams rounding against their own inputs)."""
         import mlx.core as mx
 
         r = self.runner
@@ -224,9 +243,13 @@ class ForwardSweep:
             labels = None if sample_key is None else [head.sample(x, k) for x, k in zip(hn, keys)]
         compared = []
         for s in measured:
-            q = self._head_rounding(s, emb_q, on_rounded)
             s_hn = [r.norm(x) for x in s.h] if s.h is not None else hn if hn is not None else \
                 [ref.hn for ref in references]  # never branched off: the float model's own
+            finals = None
+            if s.own_inputs and s.h is not None and hn is not None:
+                finals = list(zip(hn, s_hn)) + [(r.norm(a), r.norm(b)) for a, b in zip(hx, s.hx or [])]
+            q = self._head_rounding(s, emb_q, on_rounded, finals)
+            s.hx = None
             compared.append((head if q is None else r.head({r.head_path: q}), s_hn))
             s.h = None
         if compare_positions is not None:
@@ -265,7 +288,7 @@ class ForwardSweep:
         r, n = self.runner, self.runner.num_blocks
         starts = {s.name: self._start(s) for s in streams}
         for s in streams:
-            s.h = None
+            s.h = s.hx = None
         # hx: the Gram windows' float hidden states (the Grams then cover them: a kept Gram, over the
         # calibration windows only, is not used)
         h, hx, emb_q = self._embed(streams, starts, on_rounded, gram=grams and hessians is not None)
@@ -275,36 +298,53 @@ class ForwardSweep:
         if not head and (streams or references is not None):
             raise ValueError("a sweep without the head runs the float blocks only (no streams, no references)")
         float_run = references is None or keep_inputs or sample_key is not None or \
-            any((starts[s.name] > 0 and s.measure) or s.tuner is not None for s in streams) or \
+            any((starts[s.name] > 0 and s.measure) or s.tuner is not None or s.own_inputs for s in streams) or \
             (grams and hessians is not None and (bool(hx) or not hessians.kept_all(range(n))))
         bf = float((len(self.batches) + len(hx)) * n) if float_run else 0.0
         block_seconds = []
+        own_only = bool(streams) and all(s.own_inputs for s in streams)
         item = batch_bytes(self.anatomy, h[0].shape) if h else 0   # a batch's temporaries (lanes)
         for i in range(n):
             tb = time.perf_counter()
             kept = hessians.kept(i) if grams and hessians is not None and not hx else None
             record = grams and (gram_blocks is None or i in gram_blocks)
             members = block_members(self.anatomy, i, self.gptq_paths) if record and kept is None else {}
+            if own_only:   # the dense layers' float Grams would go unused: the streams take their own inputs'
+                members = {p: m for p, m in members.items() if m[1] is not None}
             with r.resident(i):
                 if keep_inputs:
                     inputs.append(h)
-                h_in = h
+                h_in, hx_in = h, hx
+                # streams fitting GPTQ to their own inputs: the float run keeps each group's input rows
+                own_here = float_run and any(s.own_inputs and starts[s.name] <= i for s in streams)
+                groups = asymmetric.block_groups(self, i, h_in[0]) if own_here else []
+                fx = []
                 if float_run:
-                    with recording(r.model, members) as recs:
-                        h = lane_map(lambda x, i=i: r.block(i, x), h_in, item_bytes=item)
+                    with recording(r.model, members) as recs, \
+                            asymmetric.tapped(r.model, [g[0] for g in groups]) as taps:
+                        run = asymmetric.capturing(lambda x, i=i: r.block(i, x), taps, groups)
+                        h, fx = asymmetric.split(lane_map(run, h_in, item_bytes=item), groups)
                         if hx:
-                            hx = self._gram_run(i, hx, recs, item)
+                            hx, fxx = asymmetric.split(self._gram_run(i, hx, recs, item, run), groups)
+                            fx = [a + b for a, b in zip(fx, fxx)]
                 if hessians is not None and grams:
                     hessians.set_block(i, kept if kept is not None else
                                        {p: rec.hessian() for p, rec in recs.items() if rec.hessian() is not None})
                 active = [s for s in streams if starts[s.name] <= i]
                 if active and float_run:
                     r.relax(i)   # the float block's compute copies are not held through the rounding
-                solved = self._solve_block(i, active, r.stored(r.layer_prefix(i), r.layers[i])) if active else {}
+                stored = r.stored(r.layer_prefix(i), r.layers[i]) if active else {}
+                plain = [s for s in active if not s.own_inputs]
+                solved = self._solve_block(i, plain, stored) if plain else {}
                 for s in active:
                     if s.h is None and s.measure:
                         s.h = h_in
-                    qs = {p: q for p in self.by_layer.get(i, []) if (q := self._pick(s, p, solved)) is not None}
+                        s.hx = hx_in if s.own_inputs else []
+                    if s.own_inputs:
+                        qs, spent = asymmetric.round_block(self, i, s, groups, fx, s.h + s.hx, stored, item)
+                        bf += spent
+                    else:
+                        qs = {p: q for p in self.by_layer.get(i, []) if (q := self._pick(s, p, solved)) is not None}
                     if s.tuner is not None and qs:
                         qs = s.tuner(i, qs, s.h, h, h_in)
                     over = {}
@@ -317,7 +357,10 @@ class ForwardSweep:
                         continue
                     with r.swap(i, over):
                         s.h = lane_map(lambda x, i=i: r.block(i, x), s.h, item_bytes=item)
-                    bf += len(self.batches)
+                        if s.hx:
+                            s.hx = lane_map(lambda x, i=i: r.block(i, x), s.hx, item_bytes=item)
+                    bf += len(self.batches) + len(s.hx or [])
+                fx = None   # the float run's input rows: every stream has fitted this block
             block_seconds.append(time.perf_counter() - tb)
             if self.progress:
                 self.progress(i + 1, n, "blocks")
@@ -332,7 +375,7 @@ class ForwardSweep:
             mx.eval(hn)
         head_gram = self._head_gram(hn, hx, hessians) if grams and float_run else None
         references, labels, results = self._head_stage(streams, hn, references, sample_key, emb_q, on_rounded,
-                                                       compare_positions)
+                                                       compare_positions, hx)
         return SweepResult(references=references, streams=results, inputs=inputs, final=final, labels=labels,
                            head_gram=head_gram, block_forwards=bf, seconds=time.perf_counter() - t0,
                            block_seconds=block_seconds)

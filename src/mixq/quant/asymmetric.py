@@ -1,0 +1,247 @@
+"""GPTQ against the quantized model's own inputs (asymmetric calibration).
+
+Symmetric GPTQ minimises ||(W - Q) X|| with X the float model's inputs to the layer. In the written model
+the layer sees X~, what the layers rounded before it produce, and what counts is how close Q X~ comes to
+the float layer's W X. min_Q ||W X - Q X~|| (GPTAQ, Li et al. 2025) splits exactly into a least-squares
+target and plain GPTQ: with H~ = X~ X~^T and C = X X~^T, W' = W C H~^-1 is the best float weight on X~ and the
+rest is orthogonal to X~'s rows, so GPTQ of W' against H~ minimises the same error; the solver is unchanged,
+only its weight and H. A ridge toward W keeps W' sane where X~ has few rows: W' = (W C + l W)(H~ + l I)^-1.
+Within a block the layers are taken in the order they run (q/k/v, then o_proj; in_proj, then out_proj), each
+group's X~ from a run with the groups before it rounded ("true sequential").
+
+Measured (benchmarks/gptq_inputs.py, the default convert, held-out KL against --gptq-inputs float): demo
+0.855 / 0.815x at 4.53 / 5.5 bpw, demo-moe 0.901 / 0.872x, llama-135M shapes (random weights) 0.885x at 4.5;
+the target is the gain, the in-block order a part of it (benchmarks/gptq_inputs_variants.py). The routed
+experts keep the float inputs' Grams (few rows per expert, and a token routed elsewhere has no float
+counterpart at that expert).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from mixq.core.forward import child, set_child
+from mixq.core.lanes import lane_iter
+from mixq.quant.qweight import round_weight
+
+RIDGE = 0.1   # l as a fraction of mean(diag H~) (demo 4:64, 16 windows: 0.01 -> 0.955x, 0.1 -> 0.880x, 1.0 -> 0.857x
+              # of float inputs; 64 windows: 0.822 / 0.824 / 0.845x)
+TARGET_ROWS = 4096   # rows of W' made at a time (a 131k-row head is never float32 whole)
+
+
+class OwnInputs:
+    """What an asymmetric stream's rounding reads: the Grams of its own inputs where it has them (`own`), the
+    shared map's (the float model's inputs) for the rest: routed experts, the embedding."""
+
+    def __init__(self, base):
+        self.base = base
+        self.own: dict = {}
+
+    @property
+    def paths(self):
+        return self.base.paths
+
+    def __contains__(self, path) -> bool:
+        return path in self.base
+
+    def __getitem__(self, path: str):
+        return self.own[path] if path in self.own else self.base[path]
+
+    def __bool__(self) -> bool:
+        return bool(self.base)
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def _tap_class():
+    import mlx.nn as nn
+
+    class Tap(nn.Module):
+        """Passes through, keeping its last input (and logging each call's module and input)."""
+
+        def __init__(self, inner, name: str, log: list | None):
+            super().__init__()
+            self.inner, self._name, self._log = inner, name, log
+            self.x = None
+
+        def __call__(self, x, *args, **kwargs):
+            if self._log is not None:
+                self._log.append((self._name, x))
+            self.x = x
+            return self.inner(x, *args, **kwargs)
+
+    return Tap
+
+
+@contextmanager
+def tapped(model, modules, log: list | None = None):
+    """Within: `modules` (paths from the model's root) wrapped by taps; yields module path -> Tap."""
+    Tap = _tap_class()
+    originals = {m: child(model, m) for m in modules}
+    taps = {m: Tap(o, m, log) for m, o in originals.items()}
+    for m, t in taps.items():
+        set_child(model, m, t)
+    try:
+        yield taps
+    finally:
+        for m, o in originals.items():
+            set_child(model, m, o)
+
+
+def call_groups(runner, i: int, modules: list, x) -> list[list[str]]:
+    """`modules` of block i in the order the block calls them, those fed one input in one group: the graph of
+    one run on `x` is built, not computed."""
+    log: list = []
+    with tapped(runner.model, modules, log):
+        runner.block(i, x)
+    groups, seen, last = [], set(), None
+    for m, inp in log:
+        if m in seen:
+            continue
+        if last is None or inp is not last:
+            groups.append([])
+        groups[-1].append(m)
+        seen.add(m)
+        last = inp
+    return groups + [[m] for m in modules if m not in seen]   # never called: a group each, last
+
+
+def block_groups(sweep, i: int, x) -> list[list[str]]:
+    """Block i's dense layers that GPTQ rounds (`sweep.gptq_paths`), grouped as `call_groups` (x: a batch)."""
+    mods = sorted({t.module for t in sweep.anatomy.tensors
+                   if t.layer == i and t.module_type == "Linear" and t.path in sweep.gptq_paths})
+    return call_groups(sweep.runner, i, mods, x[:1]) if mods else []
+
+
+def _rows(x):
+    import mlx.core as mx
+
+    return x.reshape(-1, x.shape[-1]).astype(mx.float32)
+
+
+def capturing(fn, taps: dict, groups: list):
+    """fn(x) -> [its output, then each group's input rows (float32)], from the taps on the groups' first layers:
+    the float block's run keeps what the streams' Grams pair with, instead of running again for each group."""
+    def run(x):
+        y = fn(x)
+        return [y] + [_rows(taps[g[0]].x) for g in groups]
+    return run
+
+
+def split(outs: list, groups: list) -> tuple[list, list]:
+    """`capturing`'s per-batch results -> (outputs, per group: the batches' input rows)."""
+    return [o[0] for o in outs], [[o[1 + g] for o in outs] for g in range(len(groups))]
+
+
+def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, item_bytes: int = 0):
+    """C = sum X X~^T and H~ = sum X~ X~^T over every batch: X the float block's input rows to `module` (`xf`,
+    batch for batch), X~ the stream's (block input `q_in`, with `over` swapped in). Float32 on the device."""
+    import mlx.core as mx
+
+    C = H = None
+    with tapped(runner.model, [module]) as taps:
+        tap = taps[module]
+
+        def pair(k):
+            with runner.swap(i, over):
+                runner.block(i, q_in[k])   # only what reaches the tap is computed (the graph is pruned)
+            xq = _rows(tap.x)
+            return xf[k].T @ xq, xq.T @ xq
+
+        for _, (c, h) in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes):
+            C, H = (c, h) if C is None else (C + c, H + h)
+            mx.eval(C, H)
+        tap.x = None
+    return C, H
+
+
+def target(w, C, H, ridge: float = RIDGE):
+    """W' = (W C + l W)(H + l I)^-1 in w's dtype, l = ridge x mean(diag H): the float weight that best maps
+    the stream's inputs to the float layer's outputs. Cholesky on the CPU (LAPACK, float32)."""
+    import mlx.core as mx
+    from scipy.linalg import cho_factor, cho_solve
+
+    Hn = np.array(H, dtype=np.float32)
+    d = Hn.shape[-1]
+    lam = ridge * float(np.mean(np.diagonal(Hn))) + 1e-12
+    Hn[np.arange(d), np.arange(d)] += lam
+    fac = cho_factor(Hn, lower=False, overwrite_a=True, check_finite=False)
+    rows = int(w.shape[0])
+    if rows >= d:   # M = (C + l I)(H + l I)^-1 once (d x d), then W M a few rows at a time
+        Ct = np.array(C, dtype=np.float32).T          # (C + l I)^T = C^T + l I
+        Ct[np.arange(d), np.arange(d)] += lam
+        M = mx.array(cho_solve(fac, Ct, overwrite_b=True, check_finite=False).T)
+        del Ct
+        out = [(w[a:a + TARGET_ROWS].astype(mx.float32) @ M).astype(w.dtype) for a in range(0, rows, TARGET_ROWS)]
+    else:           # W'^T = (H + l I)^-1 (C^T W^T + l W^T): a solve with `rows` right-hand sides, no d x d copy
+        wt = w.astype(mx.float32).T
+        rhs = np.array(C.T @ wt + lam * wt, dtype=np.float32)
+        del wt
+        out = [mx.array(cho_solve(fac, rhs, overwrite_b=True, check_finite=False).T).astype(w.dtype)]
+    res = mx.concatenate(out) if len(out) > 1 else out[0]
+    mx.eval(res)
+    return res
+
+
+def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: dict,
+                item_bytes: int = 0) -> tuple[dict, float]:
+    """Stream `s`'s tensors of block i (path -> QuantizedWeight): the dense layers GPTQ rounds against the
+    stream's own inputs, group by group in call order (`groups`, `block_groups`); the rest (routed experts,
+    round-to-nearest formats) as usual, first. `fx`: per group, the float model's input rows batch for batch
+    (`capturing`); `q_in`: the stream's block inputs, the same batches. Returns them and the block forwards
+    spent (a group's run stops at it: counted whole)."""
+    import mlx.core as mx
+
+    r, rounding = sweep.runner, s.rounding
+    fmts = {p: f for p in sweep.by_layer.get(i, []) if (f := s.formats.get(p)) is not None and f.is_quantized}
+    own = {}   # weight path -> module path: rounded against the stream's inputs
+    for t in sweep.anatomy.tensors:
+        if t.path in fmts and t.module_type == "Linear" and t.path.endswith(".weight") and \
+                rounding.uses_gptq(t.path, fmts[t.path]):
+            own[t.path] = t.module
+    out = {p: round_weight(rounding, p, stored[p], f) for p, f in fmts.items() if p not in own}
+    over = {p: q.full(r.compute) for p, q in out.items()}
+    forwards = 0.0
+    by_module = {m: p for p, m in own.items()}
+    for group, xf in zip(groups, fx):
+        mine = [m for m in group if m in by_module]
+        if not mine:
+            continue
+        C, H = pair_grams(r, i, group[0], xf, q_in, over, item_bytes)
+        forwards += len(q_in)
+        targets = {by_module[m]: target(stored[by_module[m]], C, H) for m in mine}
+        del C   # GPTQ needs H~ (and makes its factor) only
+        for p, w in targets.items():
+            rounding.hessians.own = {p: H}
+            out[p] = round_weight(rounding, p, w, fmts[p])
+            over[p] = out[p].full(r.compute)
+        del targets, H
+        rounding.hessians.own = {}
+        mx.eval(list(over.values()))
+    return out, forwards
+
+
+def round_head(runner, s, fmt, f_final: list, q_final: list):
+    """The untied head rounded against the stream's own final normed states (`q_final`, beside the float
+    model's `f_final`, batch for batch)."""
+    import mlx.core as mx
+
+    C = H = None
+    for xf, xq in zip(f_final, q_final):
+        xf = xf.reshape(-1, xf.shape[-1]).astype(mx.float32)
+        xq = xq.reshape(-1, xq.shape[-1]).astype(mx.float32)
+        C, H = (xf.T @ xq, xq.T @ xq) if C is None else (C + xf.T @ xq, H + xq.T @ xq)
+        mx.eval(C, H)
+    path = runner.head_path
+    w = target(runner.head_weight(), C, H)
+    s.rounding.hessians.own = {path: H}
+    try:
+        return round_weight(s.rounding, path, w, fmt)
+    finally:
+        s.rounding.hessians.own = {}
