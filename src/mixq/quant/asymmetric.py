@@ -10,7 +10,7 @@ Within a block the layers are taken in the order they run (q/k/v, then o_proj; i
 group's X~ from a run with the groups before it rounded ("true sequential").
 
 Measured (benchmarks/gptq_inputs.py, the default convert, held-out KL against --gptq-inputs float): demo
-0.855 / 0.815x at 4.53 / 5.5 bpw, demo-moe 0.901 / 0.872x, llama-135M shapes (random weights) 0.885x at 4.5;
+0.866 / 0.841x at 4.53 / 5.5 bpw, demo-moe 0.893 / 0.855x, llama-135M shapes (random weights) 0.890x at 4.5;
 the target is the gain, the in-block order a part of it (benchmarks/gptq_inputs_variants.py). The routed
 experts keep the float inputs' Grams (few rows per expert, and a token routed elsewhere has no float
 counterpart at that expert).
@@ -26,8 +26,8 @@ from mixq.core.forward import child, set_child
 from mixq.core.lanes import lane_iter
 from mixq.quant.qweight import round_weight
 
-RIDGE = 0.1   # l as a fraction of mean(diag H~) (demo 4:64, 16 windows: 0.01 -> 0.955x, 0.1 -> 0.880x, 1.0 -> 0.857x
-              # of float inputs; 64 windows: 0.822 / 0.824 / 0.845x)
+RIDGE = 0.1   # l as a fraction of mean(diag H~) (demo 4:64, 16 windows: 0.01 -> 0.952x, 0.1 -> 0.869x, 1.0 -> 0.853x
+              # of float inputs, benchmarks/gptq_inputs_variants.py; 64 windows: 0.811 / 0.811 / 0.835x)
 TARGET_ROWS = 4096   # rows of W' made at a time (a 131k-row head is never float32 whole)
 
 
@@ -142,9 +142,6 @@ def split(outs: list, groups: list) -> tuple[list, list]:
 def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, item_bytes: int = 0):
     """C = sum X X~^T and H~ = sum X~ X~^T over every batch: X the float block's input rows to `module` (`xf`,
     batch for batch), X~ the stream's (block input `q_in`, with `over` swapped in). Float32 on the device."""
-    import mlx.core as mx
-
-    C = H = None
     with tapped(runner.model, [module]) as taps:
         tap = taps[module]
 
@@ -154,10 +151,19 @@ def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, it
             xq = _rows(tap.x)
             return xf[k].T @ xq, xq.T @ xq
 
-        for _, (c, h) in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes):
-            C, H = (c, h) if C is None else (C + c, H + h)
-            mx.eval(C, H)
+        C, H = _sums(y for _, y in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes))
         tap.x = None
+    return C, H
+
+
+def _sums(pairs):
+    """(sum of the C parts, sum of the H parts), evaluated as they come."""
+    import mlx.core as mx
+
+    C = H = None
+    for c, h in pairs:
+        C, H = (c, h) if C is None else (C + c, H + h)
+        mx.eval(C, H)
     return C, H
 
 
@@ -209,6 +215,9 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
     over = {p: q.full(r.compute) for p, q in out.items()}
     forwards = 0.0
     by_module = {m: p for p, m in own.items()}
+    missing = set(by_module) - {m for g in groups for m in g}
+    if missing:   # it would be neither rounded nor written
+        raise ValueError(f"block {i}: {sorted(missing)} rounded by GPTQ but not in the block's call groups")
     for group, xf in zip(groups, fx):
         mine = [m for m in group if m in by_module]
         if not mine:
@@ -230,16 +239,10 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
 def round_head(runner, s, fmt, f_final: list, q_final: list):
     """The untied head rounded against the stream's own final normed states (`q_final`, beside the float
     model's `f_final`, batch for batch)."""
-    import mlx.core as mx
-
-    C = H = None
-    for xf, xq in zip(f_final, q_final):
-        xf = xf.reshape(-1, xf.shape[-1]).astype(mx.float32)
-        xq = xq.reshape(-1, xq.shape[-1]).astype(mx.float32)
-        C, H = (xf.T @ xq, xq.T @ xq) if C is None else (C + xf.T @ xq, H + xq.T @ xq)
-        mx.eval(C, H)
+    C, H = _sums((_rows(a).T @ _rows(b), _rows(b).T @ _rows(b)) for a, b in zip(f_final, q_final))
     path = runner.head_path
     w = target(runner.head_weight(), C, H)
+    del C
     s.rounding.hessians.own = {path: H}
     try:
         return round_weight(s.rounding, path, w, fmt)
