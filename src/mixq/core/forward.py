@@ -63,6 +63,21 @@ def layer_proxy(layer, call):
 
 
 @contextmanager
+def wrapped_modules(model, make, modules):
+    """Inside: each module at a path of `modules` (dotted, from the model's root) replaced by `make(path, it)`;
+    yields path -> wrapper. Every module is put back on exit."""
+    originals = {m: child(model, m) for m in modules}
+    wrappers = {m: make(m, o) for m, o in originals.items()}
+    for m, w in wrappers.items():
+        set_child(model, m, w)
+    try:
+        yield wrappers
+    finally:
+        for m, o in originals.items():
+            set_child(model, m, o)
+
+
+@contextmanager
 def wrapped_layers(model, calls: dict):
     """Inside: the model's own forward runs layer i as `calls[i](layer, *args, **kwargs)` (`layer_proxy`),
     the other layers as they are; the model's layer list is restored after."""

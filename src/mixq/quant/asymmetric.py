@@ -18,12 +18,11 @@ counterpart at that expert).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
-from mixq.core.forward import child, set_child
+from mixq.core.forward import wrapped_modules
 from mixq.core.lanes import lane_iter
+from mixq.quant.hessian import block_members
 from mixq.quant.qweight import round_weight
 
 RIDGE = 0.1   # l as a fraction of mean(diag H~) (demo 4:64, 16 windows: 0.01 -> 0.952x, 0.1 -> 0.869x, 1.0 -> 0.853x
@@ -79,19 +78,10 @@ def _tap_class():
     return Tap
 
 
-@contextmanager
 def tapped(model, modules, log: list | None = None):
     """Within: `modules` (paths from the model's root) wrapped by taps; yields module path -> Tap."""
     Tap = _tap_class()
-    originals = {m: child(model, m) for m in modules}
-    taps = {m: Tap(o, m, log) for m, o in originals.items()}
-    for m, t in taps.items():
-        set_child(model, m, t)
-    try:
-        yield taps
-    finally:
-        for m, o in originals.items():
-            set_child(model, m, o)
+    return wrapped_modules(model, lambda m, inner: Tap(inner, m, log), modules)
 
 
 def call_groups(runner, i: int, modules: list, x) -> list[list[str]]:
@@ -114,8 +104,7 @@ def call_groups(runner, i: int, modules: list, x) -> list[list[str]]:
 
 def block_groups(sweep, i: int, x) -> list[list[str]]:
     """Block i's dense layers that GPTQ rounds (`sweep.gptq_paths`), grouped as `call_groups` (x: a batch)."""
-    mods = sorted({t.module for t in sweep.anatomy.tensors
-                   if t.layer == i and t.module_type == "Linear" and t.path in sweep.gptq_paths})
+    mods = sorted({m for m, experts in block_members(sweep.anatomy, i, sweep.gptq_paths).values() if experts is None})
     return call_groups(sweep.runner, i, mods, x[:1]) if mods else []
 
 
@@ -148,12 +137,16 @@ def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, it
         def pair(k):
             with runner.swap(i, over):
                 runner.block(i, q_in[k])   # only what reaches the tap is computed (the graph is pruned)
-            xq = _rows(tap.x)
-            return xf[k].T @ xq, xq.T @ xq
+            return _pair(xf[k], _rows(tap.x))
 
         C, H = _sums(y for _, y in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes))
         tap.x = None
     return C, H
+
+
+def _pair(xf, xq):
+    """One batch's (X X~^T, X~ X~^T) from its rows (row-major: X^T X~)."""
+    return xf.T @ xq, xq.T @ xq
 
 
 def _sums(pairs):
@@ -206,11 +199,9 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
 
     r, rounding = sweep.runner, s.rounding
     fmts = {p: f for p in sweep.by_layer.get(i, []) if (f := s.formats.get(p)) is not None and f.is_quantized}
-    own = {}   # weight path -> module path: rounded against the stream's inputs
-    for t in sweep.anatomy.tensors:
-        if t.path in fmts and t.module_type == "Linear" and t.path.endswith(".weight") and \
-                rounding.uses_gptq(t.path, fmts[t.path]):
-            own[t.path] = t.module
+    # weight path -> module path: the dense layers rounded against the stream's inputs
+    own = {p: m for p, (m, experts) in block_members(sweep.anatomy, i, fmts).items()
+           if experts is None and rounding.uses_gptq(p, fmts[p])}
     out = {p: round_weight(rounding, p, stored[p], f) for p, f in fmts.items() if p not in own}
     over = {p: q.full(r.compute) for p, q in out.items()}
     forwards = 0.0
@@ -239,7 +230,7 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
 def round_head(runner, s, fmt, f_final: list, q_final: list):
     """The untied head rounded against the stream's own final normed states (`q_final`, beside the float
     model's `f_final`, batch for batch)."""
-    C, H = _sums((_rows(a).T @ _rows(b), _rows(b).T @ _rows(b)) for a, b in zip(f_final, q_final))
+    C, H = _sums(_pair(_rows(a), _rows(b)) for a, b in zip(f_final, q_final))
     path = runner.head_path
     w = target(runner.head_weight(), C, H)
     del C

@@ -19,7 +19,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from mixq.core.errors import MixqError
-from mixq.core.forward import child, set_child
+from mixq.core.forward import wrapped_modules
 
 FISHER_SAMPLES = 1  # label draws per calibration batch (mlx RNG keyed by the seed)
 SHARED_GRAM_BYTES = 128 << 20  # layers fed the same input share its Gram up to this size
@@ -159,21 +159,13 @@ def recording(model, members: dict):
     """Within: the modules of `members` (weight path -> (module path, experts or None)) wrapped by
     recorders; yields path -> Recorder. Modules are put back on exit."""
     Recorder = _recorder_class()
-    modules = {m for m, _ in members.values()}
-    originals = {m: child(model, m) for m in modules}
-    by_module = {}
+    experts = {m: e for m, e in members.values()}
     shared: dict = {}
-    for p, (m, experts) in members.items():
-        if m not in by_module:
-            by_module[m] = Recorder(originals[m], experts, shared)
-    for m, r in by_module.items():
-        set_child(model, m, r)
     try:
-        yield {p: by_module[m] for p, (m, _) in members.items()}
+        with wrapped_modules(model, lambda m, inner: Recorder(inner, experts[m], shared), experts) as by_module:
+            yield {p: by_module[m] for p, (m, _) in members.items()}
     finally:
         shared.clear()
-        for m, orig in originals.items():
-            set_child(model, m, orig)
 
 
 KEEP_BYTES = 1 << 30  # block Grams kept between sweeps (so later sweeps need not run the float model)

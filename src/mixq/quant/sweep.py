@@ -373,7 +373,8 @@ class ForwardSweep:
         hn = [r.norm(x) for x in final] if float_run else None
         if hn is not None:
             mx.eval(hn)
-        head_gram = self._head_gram(hn, hx, hessians) if grams and float_run else None
+        # streams that all fit the head to their own final states read no float Gram of it
+        head_gram = self._head_gram(hn, hx, hessians) if grams and float_run and not own_only else None
         references, labels, results = self._head_stage(streams, hn, references, sample_key, emb_q, on_rounded,
                                                        compare_positions, hx)
         return SweepResult(references=references, streams=results, inputs=inputs, final=final, labels=labels,
