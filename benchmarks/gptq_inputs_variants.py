@@ -10,7 +10,7 @@ embedding stays float), rounded block after block three ways:
 Prints held-out KL (16 x 256 tokens) per variant and the ratio to the first.
 
 Usage: python benchmarks/gptq_inputs_variants.py [--model demo] [--format 4:64] [--windows 64]
-       [--ridge 0.1] [--sequential] [--head] [--variants float,quant,asym]
+       [--ridge 2.0 [--fixed-ridge]] [--sequential] [--head] [--variants float,quant,asym]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mixq.core.formats import Format
 from mixq.core.modelio import resolve_model
 from mixq.quant import calibration
-from mixq.quant.asymmetric import target
+from mixq.quant.asymmetric import RIDGE, target
 from mixq.quant.gptq import gptq_2d
 
 GROUPS = {"M": [["mixer.in_proj"], ["mixer.out_proj"]],
@@ -75,12 +75,13 @@ def rounded(W, H, fmt):
     return mx.array((q.astype(np.float32).reshape(rows, cols // g, g) * S[..., None] + B[..., None]).reshape(rows, cols))
 
 
-def solve(variant, W, Hf, Hq, C, fmt, ridge):
+def solve(variant, W, Hf, Hq, C, fmt, ridge, rows):
     if variant == "float":
         return rounded(W, Hf, fmt)
     if variant == "quant":
         return rounded(W, Hq, fmt)
-    return rounded(target(W, C, Hq, ridge), Hq, fmt)
+    # rows None (--fixed-ridge): l = ridge x mean(diag H~), the first form, whatever the rows
+    return rounded(target(W, C, Hq, rows or int(W.shape[-1]), ridge), Hq, fmt)
 
 
 def quantize(model, batches, variant, args, fmt):
@@ -110,8 +111,9 @@ def quantize(model, batches, variant, args, fmt):
                     x = taps[n].x
                     Hq[n], C[n] = Hq[n] + x.T @ x, C[n] + xf[k][n].T @ x
                 mx.eval(list(Hq.values()), list(C.values()))
+            rows = sum(x[group[0]].shape[0] for x in xf) if not args.fixed_ridge else None
             for n in group:
-                new[(li, n)] = solve(variant, taps[n].lin.weight, Hf[n], Hq[n], C[n], fmt, args.ridge)
+                new[(li, n)] = solve(variant, taps[n].lin.weight, Hf[n], Hq[n], C[n], fmt, args.ridge, rows)
                 taps[n].lin.weight, new[(li, n, "float")] = new[(li, n)], taps[n].lin.weight
         hq = [run_layer(layer, h) for h in hq]
         mx.eval(hq)
@@ -124,7 +126,8 @@ def quantize(model, batches, variant, args, fmt):
         xq = [bb.norm_f(h).reshape(-1, h.shape[-1]) for h in hq]
         Hf, Hq = sum(x.T @ x for x in xf), sum(x.T @ x for x in xq)
         C = sum(a.T @ b for a, b in zip(xf, xq))
-        new[("head", "")] = solve(variant, model.lm_head.weight, Hf, Hq, C, fmt, args.ridge)
+        rows = sum(x.shape[0] for x in xq) if not args.fixed_ridge else None
+        new[("head", "")] = solve(variant, model.lm_head.weight, Hf, Hq, C, fmt, args.ridge, rows)
     return new
 
 
@@ -151,7 +154,8 @@ def main() -> int:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--format", default="4:64")
     ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--ridge", type=float, default=0.1)
+    ap.add_argument("--ridge", type=float, default=RIDGE, help="l = RIDGE x inputs / rows x mean(diag H~)")
+    ap.add_argument("--fixed-ridge", action="store_true", help="l = RIDGE x mean(diag H~) (the first form)")
     ap.add_argument("--sequential", action="store_true")
     ap.add_argument("--head", action="store_true")
     ap.add_argument("--variants", default="float,quant,asym")

@@ -28,12 +28,13 @@ def test_target_is_the_ridge_least_squares_weight(rows):
     Xq = X + 0.3 * rng.standard_normal((200, d)).astype(np.float32)
     W = rng.standard_normal((rows, d)).astype(np.float32)
     C, H = X.T @ Xq, Xq.T @ Xq
-    got = np.array(target(mx.array(W), mx.array(C), mx.array(H), ridge=0.1))
-    lam = 0.1 * np.mean(np.diag(H))
-    want = (W @ C + lam * W) @ np.linalg.inv(H + lam * np.eye(d))
-    assert np.allclose(got, want, rtol=1e-3, atol=1e-4)
+    for n, ridge in ((200, 2.0), (200, 0.5), (50, 2.0)):   # the rows H sums: fewer rows an input, more ridge
+        got = np.array(target(mx.array(W), mx.array(C), mx.array(H), n, ridge=ridge))
+        lam = ridge * d / n * np.mean(np.diag(H))
+        want = (W @ C + lam * W) @ np.linalg.inv(H + lam * np.eye(d))
+        assert np.allclose(got, want, rtol=1e-3, atol=1e-4), (n, ridge)
     # the stream's inputs the float ones: the float weight itself, whatever the ridge
-    same = np.array(target(mx.array(W), mx.array(X.T @ X), mx.array(X.T @ X), ridge=1e-3))
+    same = np.array(target(mx.array(W), mx.array(X.T @ X), mx.array(X.T @ X), 200, ridge=1e-3))
     assert np.allclose(same, W, rtol=1e-3, atol=1e-4)
 
 
@@ -107,7 +108,7 @@ def test_each_layer_is_fitted_to_the_streams_own_inputs(nemotron_moe):
         X = _inputs(r, t.module, tokens, t.layer, {})
         w, h = seen[path]
         assert mx.allclose(h, Xq.T @ Xq, rtol=1e-4, atol=1e-3).item(), path
-        want = target(r.stored(r.layer_prefix(t.layer))[path], X.T @ Xq, Xq.T @ Xq)
+        want = target(r.stored(r.layer_prefix(t.layer))[path], X.T @ Xq, Xq.T @ Xq, Xq.shape[0])
         # in the source dtype (bfloat16 here): one unit in the last place apart at most
         assert mx.allclose(w.astype(mx.float32), want.astype(mx.float32), rtol=8e-3, atol=1e-4).item(), path
         return X, Xq

@@ -34,6 +34,7 @@ def test_written_model_matches_plan_and_budget(converted):
     plan = json.loads((out / "mixq" / "plan.json").read_text())
     # by default GPTQ fits the written layers to the quantized model's own inputs; preflight sizes that
     assert plan["rounding"]["inputs"].startswith("quantized") and report["preflight"]["memory"]["own inputs"] > 0
+    assert plan["rounding"]["target_ridge"] > 0
     assert plan["measured_kl_calibration"] > 0   # the stream runs for its inputs: measured on the way
     assert plan["achieved_bpw"] <= 4.5
     assert report["verify"]["ok"] and report["verify"]["bpw"] == pytest.approx(plan["achieved_bpw"], rel=1e-12)

@@ -5,13 +5,17 @@ the layer sees X~, what the layers rounded before it produce, and what counts is
 the float layer's W X. min_Q ||W X - Q X~|| (GPTAQ, Li et al. 2025) splits exactly into a least-squares
 target and plain GPTQ: with H~ = X~ X~^T and C = X X~^T, W' = W C H~^-1 is the best float weight on X~ and the
 rest is orthogonal to X~'s rows, so GPTQ of W' against H~ minimises the same error; the solver is unchanged,
-only its weight and H. A ridge toward W keeps W' sane where X~ has few rows: W' = (W C + l W)(H~ + l I)^-1.
+only its weight and H. A ridge toward W keeps W' sane where X~ has few rows: W' = (W C + l W)(H~ + l I)^-1, with
+l = RIDGE x inputs / rows x mean(diag H~): as if RIDGE x inputs more rows, of the inputs' mean square in every
+direction, asked W' to equal W. A regression overfits as inputs / rows grows, and a 9B's 15680-input down_proj
+gets about one row an input from 64 x 256 tokens, where the demo's widest layer gets 21.
 Within a block the layers are taken in the order they run (q/k/v, then o_proj; in_proj, then out_proj), each
 group's X~ from a run with the groups before it rounded ("true sequential").
 
 Measured (benchmarks/gptq_inputs.py, the default convert, held-out KL against --gptq-inputs float): demo
-0.866 / 0.841x at 4.53 / 5.5 bpw, demo-moe 0.893 / 0.855x, llama-135M shapes (random weights) 0.890x at 4.5;
-the target is the gain, the in-block order a part of it (benchmarks/gptq_inputs_variants.py). The routed
+0.836 / 0.835x at 4.53 / 5.5 bpw, demo-moe 0.901 / 0.882x; llama-135M shapes (random weights, the first,
+fixed ridge) 0.890x at 4.5; the target is the gain, the in-block order a part of it, and at a few rows an input
+the fixed ridge lost to the float inputs where this one gains (benchmarks/gptq_inputs_variants.py, README). The routed
 experts keep the float inputs' Grams (few rows per expert, and a token routed elsewhere has no float
 counterpart at that expert).
 """
@@ -25,8 +29,7 @@ from mixq.core.lanes import lane_iter
 from mixq.quant.hessian import block_members
 from mixq.quant.qweight import round_weight
 
-RIDGE = 0.1   # l as a fraction of mean(diag H~) (demo 4:64, 16 windows: 0.01 -> 0.952x, 0.1 -> 0.869x, 1.0 -> 0.853x
-              # of float inputs, benchmarks/gptq_inputs_variants.py; 64 windows: 0.811 / 0.811 / 0.835x)
+RIDGE = 2.0   # l = RIDGE x inputs / rows x mean(diag H~); measured: see README (benchmarks/gptq_inputs_variants.py)
 TARGET_ROWS = 4096   # rows of W' made at a time (a 131k-row head is never float32 whole)
 
 
@@ -129,8 +132,8 @@ def split(outs: list, groups: list) -> tuple[list, list]:
 
 
 def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, item_bytes: int = 0):
-    """C = sum X X~^T and H~ = sum X~ X~^T over every batch: X the float block's input rows to `module` (`xf`,
-    batch for batch), X~ the stream's (block input `q_in`, with `over` swapped in). Float32 on the device."""
+    """(C = sum X X~^T, H~ = sum X~ X~^T, rows) over every batch: X the float block's input rows to `module`
+    (`xf`, batch for batch), X~ the stream's (block input `q_in`, with `over` swapped in). Float32 on the device."""
     with tapped(runner.model, [module]) as taps:
         tap = taps[module]
 
@@ -139,36 +142,39 @@ def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, it
                 runner.block(i, q_in[k])   # only what reaches the tap is computed (the graph is pruned)
             return _pair(xf[k], _rows(tap.x))
 
-        C, H = _sums(y for _, y in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes))
+        got = _sums(y for _, y in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes))
         tap.x = None
-    return C, H
+    return got
 
 
 def _pair(xf, xq):
-    """One batch's (X X~^T, X~ X~^T) from its rows (row-major: X^T X~)."""
-    return xf.T @ xq, xq.T @ xq
+    """One batch's (X X~^T, X~ X~^T, rows) from its rows (row-major: X^T X~)."""
+    return xf.T @ xq, xq.T @ xq, int(xq.shape[0])
 
 
 def _sums(pairs):
-    """(sum of the C parts, sum of the H parts), evaluated as they come."""
+    """(sum of the C parts, sum of the H parts, rows), evaluated as they come."""
     import mlx.core as mx
 
     C = H = None
-    for c, h in pairs:
+    n = 0
+    for c, h, k in pairs:
         C, H = (c, h) if C is None else (C + c, H + h)
+        n += k
         mx.eval(C, H)
-    return C, H
+    return C, H, n
 
 
-def target(w, C, H, ridge: float = RIDGE):
-    """W' = (W C + l W)(H + l I)^-1 in w's dtype, l = ridge x mean(diag H): the float weight that best maps
-    the stream's inputs to the float layer's outputs. Cholesky on the CPU (LAPACK, float32)."""
+def target(w, C, H, rows: int, ridge: float = RIDGE):
+    """W' = (W C + l W)(H + l I)^-1 in w's dtype, l = ridge x inputs / rows x mean(diag H) (`rows`: the rows
+    H sums): the float weight that best maps the stream's inputs to the float layer's outputs. Cholesky on the
+    CPU (LAPACK, float32)."""
     import mlx.core as mx
     from scipy.linalg import cho_factor, cho_solve
 
     Hn = np.array(H, dtype=np.float32)
     d = Hn.shape[-1]
-    lam = ridge * float(np.mean(np.diagonal(Hn))) + 1e-12
+    lam = ridge * d / max(1, rows) * float(np.mean(np.diagonal(Hn))) + 1e-12
     Hn[np.arange(d), np.arange(d)] += lam
     fac = cho_factor(Hn, lower=False, overwrite_a=True, check_finite=False)
     rows = int(w.shape[0])
@@ -213,9 +219,9 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
         mine = [m for m in group if m in by_module]
         if not mine:
             continue
-        C, H = pair_grams(r, i, group[0], xf, q_in, over, item_bytes)
+        C, H, n = pair_grams(r, i, group[0], xf, q_in, over, item_bytes)
         forwards += len(q_in)
-        targets = {by_module[m]: target(stored[by_module[m]], C, H) for m in mine}
+        targets = {by_module[m]: target(stored[by_module[m]], C, H, n) for m in mine}
         del C   # GPTQ needs H~ (and makes its factor) only
         for p, w in targets.items():
             rounding.hessians.own = {p: H}
@@ -230,9 +236,9 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
 def round_head(runner, s, fmt, f_final: list, q_final: list):
     """The untied head rounded against the stream's own final normed states (`q_final`, beside the float
     model's `f_final`, batch for batch)."""
-    C, H = _sums(_pair(_rows(a), _rows(b)) for a, b in zip(f_final, q_final))
+    C, H, n = _sums(_pair(_rows(a), _rows(b)) for a, b in zip(f_final, q_final))
     path = runner.head_path
-    w = target(runner.head_weight(), C, H)
+    w = target(runner.head_weight(), C, H, n)
     del C
     s.rounding.hessians.own = {path: H}
     try:

@@ -28,7 +28,7 @@ from mixq.core.progress import Progress
 from mixq.core.stwriter import MLX_SHARD_BYTES, patch
 from mixq.quant import calibration
 from mixq.quant.apply import verify
-from mixq.quant.asymmetric import OwnInputs
+from mixq.quant.asymmetric import RIDGE, OwnInputs
 from mixq.quant.calibpass import Calibration, make_rounding
 from mixq.quant.distill import STUDENTS, DistillSettings, Distiller, streamed_targets
 from mixq.quant.evaluate import WrittenModel, evaluate
@@ -314,7 +314,9 @@ def _write_sweep(opts, lm, anatomy, runner, windows, formats, rounding, hessians
     def stream(name, fmts, **kw):   # with own inputs the stream runs (every window) and has a rounding of its own
         if not own:
             return Stream(name, fmts, rounding, **kw)
-        return Stream(name, fmts, rounding.fork(OwnInputs(hessians), inputs="quantized model's"),
+        # the target's ridge: RIDGE x inputs / rows x mean(diag H~) (mixq.quant.asymmetric.target)
+        return Stream(name, fmts, rounding.fork(OwnInputs(hessians), inputs="quantized model's",
+                                                target_ridge=RIDGE),
                       own_inputs=True, **{**kw, "measure": True})
 
     # the plan runs (a forward and a head comparison) only where its calibration KL decides something: against
