@@ -13,8 +13,8 @@ Within a block the layers are taken in the order they run (q/k/v, then o_proj; i
 group's X~ from a run with the groups before it rounded ("true sequential").
 
 Measured (benchmarks/gptq_inputs.py, the default convert, held-out KL against --gptq-inputs float): demo
-0.836 / 0.835x at 4.53 / 5.5 bpw, demo-moe 0.901 / 0.882x; llama-135M shapes (random weights, the first,
-fixed ridge) 0.890x at 4.5; the target is the gain, the in-block order a part of it, and at a few rows an input
+0.836 / 0.835x at 4.53 / 5.5 bpw, demo-moe 0.901 / 0.882x, llama-135M shapes (random weights) 0.865x at 4.5
+(0.890x with a fixed ridge); the target is the gain, the in-block order a part of it, and at a few rows an input
 the fixed ridge lost to the float inputs where this one gains (benchmarks/gptq_inputs_variants.py, README). The routed
 experts keep the float inputs' Grams (few rows per expert, and a token routed elsewhere has no float
 counterpart at that expert).
