@@ -279,6 +279,40 @@ def test_preflight_picks_the_quantized_student_where_the_float_one_does_not_fit(
     assert preflight(a, cands, lm.source_dtypes, available=1, distill_student="float", **kw).distill_student == "float"
 
 
+def test_preflight_fits_gptq_to_the_own_inputs_where_they_fit(nemotron_moe, monkeypatch):
+    """--gptq-inputs auto (the default): the quantized model's own inputs where the sweeps fit in the memory
+    available with them, else the float inputs (their memory entry gone); asked for, the own inputs are sized
+    and a run that does not fit is refused with the way out named. The convert then rounds as preflight said."""
+    def dry(**kw):
+        return convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, stream_weights="on",
+                                      **kw, **SMALL))
+
+    roomy, flt = dry()["preflight"], dry(gptq_inputs="float")["preflight"]
+    own = roomy["memory"]["own inputs"]
+    assert roomy["own_inputs"] is True and flt["own_inputs"] is False and "own inputs" not in flt["memory"]
+    assert roomy["peak_bytes"] == flt["peak_bytes"] + own
+    assert "GPTQ on the quantized model's own inputs" in dry()["text"]
+    monkeypatch.setenv("MIXQ_AVAILABLE_MEMORY", str(flt["peak_bytes"] + own // 2))
+    tight = dry()["preflight"]
+    assert tight["own_inputs"] is False and tight["memory"] == flt["memory"]
+    with pytest.raises(MixqError, match=r"--gptq-inputs float \(own inputs"):
+        convert(ConvertOptions(model=str(nemotron_moe), out="unused", gptq_inputs="quantized", stream_weights="on",
+                               **SMALL))
+
+
+def test_auto_rounds_on_the_float_inputs_where_the_own_ones_do_not_fit(nemotron_moe, tmp_path, monkeypatch):
+    flt = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, stream_weights="on",
+                                 gptq_inputs="float", **SMALL))["preflight"]
+    own = convert(ConvertOptions(model=str(nemotron_moe), out="unused", dry_run=True, stream_weights="on",
+                                 **SMALL))["preflight"]["memory"]["own inputs"]
+    monkeypatch.setenv("MIXQ_AVAILABLE_MEMORY", str(flt["peak_bytes"] + own // 2))
+    out = tmp_path / "auto"
+    report = convert(ConvertOptions(model=str(nemotron_moe), out=str(out), stream_weights="on", **SMALL))
+    plan = json.loads((out / "mixq" / "plan.json").read_text())
+    assert report["preflight"]["own_inputs"] is False and "inputs" not in plan["rounding"]
+    assert report["verify"]["ok"]
+
+
 def test_infeasible_target_refused_before_any_pass(nemotron_moe, tmp_path):
     with pytest.raises(MixqError, match=r"infeasible.*feasible range is \d\.\d+ to \d+\.\d+ bpw"):
         convert(ConvertOptions(model=str(nemotron_moe), out=str(tmp_path / "x"), target_bpw=2.0,

@@ -33,10 +33,11 @@ def add_arguments(p) -> None:
     p.add_argument("--rounding", choices=("gptq", "rtn"), default="gptq",
                    help="how weights are rounded to affine formats: gptq (error-compensating, against "
                         "calibration second moments; default) or rtn (round to nearest, like mlx-lm)")
-    p.add_argument("--gptq-inputs", choices=("quantized", "float"), default="quantized",
+    p.add_argument("--gptq-inputs", choices=("auto", "quantized", "float"), default="auto",
                    help="the inputs GPTQ's written layers are fitted on: quantized (the written model's own, "
-                        "layer after layer, matched to the float model's outputs; default) or float (the float "
-                        "model's inputs, as the sensitivity estimates use)")
+                        "layer after layer, matched to the float model's outputs), float (the float model's "
+                        "inputs, as the sensitivity estimates use; less memory), or auto (quantized where the "
+                        "run fits in the memory available with it; default)")
     p.add_argument("--sensitivity", help="reuse a sensitivity.json measured with the same settings")
     p.add_argument("--sensitivity-method", choices=("estimate", "exact"), default="estimate",
                    help="estimate (default): per-position Fisher estimates from one backward pass, calibrated per "

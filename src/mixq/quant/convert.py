@@ -61,7 +61,9 @@ class ConvertOptions:
     heldout_samples: int = 16
     compare: str = "4:64"   # baselines measured beside the written model on held-out text ("none": only it)
     rounding: str = "gptq"
-    gptq_inputs: str = "quantized"   # the written layers' GPTQ against the quantized model's inputs, or "float"
+    # the written layers' GPTQ against the quantized model's inputs, or "float"; "auto": the quantized model's
+    # where the sweeps fit in the memory available with them (preflight)
+    gptq_inputs: str = "auto"
     force: bool = False
     progress: bool = True
     dry_run: bool = False
@@ -96,8 +98,8 @@ def _check_options(opts: ConvertOptions) -> Path:
         raise MixqError("--hessian-samples must be >= 1")
     if opts.rounding not in ("gptq", "rtn"):
         raise MixqError(f"--rounding must be gptq or rtn, got {opts.rounding!r}")
-    if opts.gptq_inputs not in ("quantized", "float"):
-        raise MixqError(f"--gptq-inputs must be quantized or float, got {opts.gptq_inputs!r}")
+    if opts.gptq_inputs not in ("auto", "quantized", "float"):
+        raise MixqError(f"--gptq-inputs must be auto, quantized or float, got {opts.gptq_inputs!r}")
     if opts.sensitivity_method not in METHODS:
         raise MixqError(f"--sensitivity-method must be one of {', '.join(METHODS)}, got {opts.sensitivity_method!r}")
     if opts.stream_weights not in ("auto", "on", "off"):
@@ -162,12 +164,13 @@ def convert(opts: ConvertOptions) -> dict:
         if opts.distill else None
     pf = preflight(anatomy, candidates, lm.source_dtypes, samples=opts.samples, seq_len=opts.seq_len,
                    gram_samples=0 if grams is None else grams.n,
-                   own_inputs=opts.gptq_inputs == "quantized" and opts.rounding == "gptq",
+                   own_inputs=opts.rounding == "gptq" and {"auto": "auto", "quantized": True}.get(opts.gptq_inputs, False),
                    batch_size=opts.batch_size, hidden=emb.shape[-1], vocab=emb.shape[0], top_k=anatomy.top_k,
                    stream_weights=opts.stream_weights, distill=distill, distill_student=opts.distill_student,
                    target_bpw=opts.target_bpw)
     if distill is not None:
         distill = replace(distill, student=pf.distill_student)
+    opts = replace(opts, gptq_inputs="quantized" if pf.own_inputs else "float")   # auto decided by preflight
     if opts.dry_run:
         return {"dry_run": True, "target_bpw": opts.target_bpw, "preflight": pf.to_dict(),
                 "text": format_preflight(pf, opts.target_bpw)}

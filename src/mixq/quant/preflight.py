@@ -25,6 +25,7 @@ STREAM_ABOVE = 1 << 30       # stored bytes above which --stream-weights auto st
 PROCESS_BASE = 600 << 20     # python, mlx, tokenizer, code (measured RSS before any weight: ~0.5 GB)
 GPTQ_CHUNK = 256 << 20       # row-chunk working set of one GPTQ call (mixq.quant.gptq)
 DISTILLATION = "distillation"
+OWN_INPUTS = "own inputs"
 RESIDENT = "weights (stored dtype)"
 DISTILL_STAGE = ("process", RESIDENT, DISTILLATION)   # what is held while --distill runs
 # --distill per group, float32: parameters, gradients and Adam's two moments (8), and for the float student the values
@@ -53,6 +54,7 @@ class Preflight:
     available: int | None = None
     stream_weights: bool = False
     distill_student: str | None = None   # how --distill's student runs (distill.STUDENTS), None without it
+    own_inputs: bool = False   # the written layers' GPTQ on the quantized model's own inputs (mixq.quant.asymmetric)
 
     @property
     def min_bpw(self) -> float:
@@ -89,13 +91,15 @@ class Preflight:
                             f"available ({', '.join(f'{k} {_gb(v)}' for k, v in self.memory.items())}); "
                             + ("the distillation stage is the larger: use --distill-student quantized or fewer "
                                "--distill-windows" if self.distill_stage > self.sweep else
-                               "use fewer --samples or a shorter --seq-len"))
+                               "use fewer --samples or a shorter --seq-len"
+                               + (f", or --gptq-inputs float (own inputs {_gb(self.memory[OWN_INPUTS])})"
+                                  if OWN_INPUTS in self.memory else "")))
 
     def to_dict(self) -> dict:
         return {"params": self.params, "stored_bytes": self.stored_bytes, "fixed_bytes": self.fixed_bytes,
                 "feasible_bpw": [self.min_bpw, self.max_bpw], "memory": dict(self.memory), "peak_bytes": self.peak,
                 "available_bytes": self.available, "stream_weights": self.stream_weights,
-                "distill_student": self.distill_student,
+                "distill_student": self.distill_student, "own_inputs": self.own_inputs,
                 "tensors": [{"path": t.path, "shape": t.shape, "dtype": t.dtype, "candidates": t.candidates}
                             for t in self.tensors]}
 
@@ -166,12 +170,13 @@ def _rounding_bytes(anatomy, candidates) -> int:
 
 def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples: int, seq_len: int,
               batch_size: int, hidden: int, vocab: int, top_k: int = 1, streams: int = 4, gram_samples: int = 0,
-              own_inputs: bool = False, stream_weights: str = "auto", available: int | None = -1,
+              own_inputs: bool | str = False, stream_weights: str = "auto", available: int | None = -1,
               distill: DistillSettings | None = None, distill_student: str = "auto",
               target_bpw: float | None = None) -> Preflight:
     """Size the run. `streams`: quantized streams an evaluation sweep carries at once; `gram_samples`: the
     windows the write sweep runs beyond the calibration ones for GPTQ's Grams; `own_inputs`: the written
-    stream's GPTQ takes its own inputs (mixq.quant.asymmetric); `top_k`: routed experts
+    stream's GPTQ takes its own inputs (mixq.quant.asymmetric), "auto": where the sweeps fit in `available`
+    with them (else the float inputs); `top_k`: routed experts
     per token (their input rows are kept for a block); `distill`: the end-to-end stage's settings
     (mixq.quant.distill), None without it; `distill_student` "auto": the float student where it fits in
     `available`, else the quantized one (the written size at `target_bpw` instead of 5 bytes a parameter)."""
@@ -223,7 +228,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         for t in dense:
             if t.layer is not None:
                 widths[t.layer] = widths.get(t.layer, 0) + t.shape[-1]
-        mem["own inputs"] = 2 * 4 * gram_samples * seq_len * hidden + \
+        mem[OWN_INPUTS] = 2 * 4 * gram_samples * seq_len * hidden + \
             4 * (samples + gram_samples) * seq_len * max(widths.values(), default=0) + 2 * 4 * widest ** 2 + \
             max((t.params * dtype_itemsize(source_dtypes.get(t.path, t.dtype)) for t in dense), default=0)
     if top_k > 1:  # MoE: the routers' margin cotangent beside the gradient (mixq.quant.flips)
@@ -231,6 +236,9 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available
+    if own_inputs == "auto" and avail is not None and \
+            sum(mem.values()) + (stored if stream_weights == "off" else 0) > avail:
+        del mem[OWN_INPUTS]   # the float inputs: the sweeps would not fit with the own ones
     sweep, student, stage = sum(mem.values()), None, 0   # the sweeps' components, all in `mem` so far
     if distill is not None:   # sized as if the weights stream unless told otherwise (resident only with room)
         student, mem[DISTILLATION] = _distillation(
@@ -249,7 +257,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         mem[RESIDENT] = stored
     return Preflight(tensors=tensors, fixed_bytes=fixed, params=params, stored_bytes=stored, min_bytes=lo,
                      max_bytes=hi, memory=mem, available=avail, stream_weights=streaming,
-                     distill_student=student)
+                     distill_student=student, own_inputs=OWN_INPUTS in mem)
 
 
 def _tuned_bytes(tensors: list, candidates) -> dict:
@@ -299,6 +307,7 @@ def format_preflight(pf: Preflight, target_bpw: float | None = None) -> str:
     lines.append(f"memory needed: about {_gb(pf.peak)} (" + parts + ")"
                  + ("" if pf.available is None else f"; available {_gb(pf.available)}")
                  + ("; weights streamed from disk block by block" if pf.stream_weights else "")
-                 + (f"; --distill runs the {pf.distill_student} student" if pf.distill_student else ""))
+                 + (f"; --distill runs the {pf.distill_student} student" if pf.distill_student else "")
+                 + ("; GPTQ on the quantized model's own inputs" if pf.own_inputs else ""))
     return "\n".join(lines)
 
