@@ -295,6 +295,7 @@ def test_preflight_fits_gptq_to_the_own_inputs_where_they_fit(nemotron_moe, monk
     monkeypatch.setenv("MIXQ_AVAILABLE_MEMORY", str(flt["peak_bytes"] + own // 2))
     tight = dry()["preflight"]
     assert tight["own_inputs"] is False and tight["memory"] == flt["memory"]
+    assert "GPTQ on the float model's inputs (its own would need" in dry()["text"]
     with pytest.raises(MixqError, match=r"--gptq-inputs float \(own inputs"):
         convert(ConvertOptions(model=str(nemotron_moe), out="unused", gptq_inputs="quantized", stream_weights="on",
                                **SMALL))

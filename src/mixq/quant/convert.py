@@ -177,7 +177,9 @@ def convert(opts: ConvertOptions) -> dict:
     pf.check_target(opts.target_bpw)
     pf.check_memory()
     prog.log(f"{len(pf.tensors)} tensors, feasible {pf.min_bpw:.3f}..{pf.max_bpw:.3f} bpw, about "
-             f"{pf.peak / 2**30:.2f} GiB needed" + (", weights streamed block by block" if pf.stream_weights else ""))
+             f"{pf.peak / 2**30:.2f} GiB needed" + (", weights streamed block by block" if pf.stream_weights else "")
+             + (f", GPTQ on the float model's inputs (its own would need {pf.own_inputs_left / 2**30:.2f} GiB more)"
+                if pf.own_inputs_left else ""))
     prog.start("reading weights")
     _check_finite(lm)
     prog.end()

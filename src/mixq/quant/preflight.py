@@ -55,6 +55,7 @@ class Preflight:
     stream_weights: bool = False
     distill_student: str | None = None   # how --distill's student runs (distill.STUDENTS), None without it
     own_inputs: bool = False   # the written layers' GPTQ on the quantized model's own inputs (mixq.quant.asymmetric)
+    own_inputs_left: int = 0   # --gptq-inputs auto took the float inputs: the bytes the own ones would have added
 
     @property
     def min_bpw(self) -> float:
@@ -236,9 +237,10 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
     if lane_count() > 1:   # batches, tensors and GPTQ row steps side by side on a CPU's cores (core.lanes)
         mem["side by side (lanes)"] = LANE_BYTES
     avail = available_memory() if available == -1 else available
+    left = 0
     if own_inputs == "auto" and avail is not None and \
             sum(mem.values()) + (stored if stream_weights == "off" else 0) > avail:
-        del mem[OWN_INPUTS]   # the float inputs: the sweeps would not fit with the own ones
+        left = mem.pop(OWN_INPUTS)   # the float inputs: the sweeps would not fit with the own ones
     sweep, student, stage = sum(mem.values()), None, 0   # the sweeps' components, all in `mem` so far
     if distill is not None:   # sized as if the weights stream unless told otherwise (resident only with room)
         student, mem[DISTILLATION] = _distillation(
@@ -257,7 +259,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         mem[RESIDENT] = stored
     return Preflight(tensors=tensors, fixed_bytes=fixed, params=params, stored_bytes=stored, min_bytes=lo,
                      max_bytes=hi, memory=mem, available=avail, stream_weights=streaming,
-                     distill_student=student, own_inputs=OWN_INPUTS in mem)
+                     distill_student=student, own_inputs=OWN_INPUTS in mem, own_inputs_left=left)
 
 
 def _tuned_bytes(tensors: list, candidates) -> dict:
@@ -308,6 +310,8 @@ def format_preflight(pf: Preflight, target_bpw: float | None = None) -> str:
                  + ("" if pf.available is None else f"; available {_gb(pf.available)}")
                  + ("; weights streamed from disk block by block" if pf.stream_weights else "")
                  + (f"; --distill runs the {pf.distill_student} student" if pf.distill_student else "")
-                 + ("; GPTQ on the quantized model's own inputs" if pf.own_inputs else ""))
+                 + ("; GPTQ on the quantized model's own inputs" if pf.own_inputs else "")
+                 + (f"; GPTQ on the float model's inputs (its own would need {_gb(pf.own_inputs_left)} more)"
+                    if pf.own_inputs_left else ""))
     return "\n".join(lines)
 
