@@ -165,16 +165,16 @@ def _sums(pairs):
     return C, H, n
 
 
-def target(w, C, H, rows: int, ridge: float = RIDGE):
-    """W' = (W C + l W)(H + l I)^-1 in w's dtype, l = ridge x inputs / rows x mean(diag H) (`rows`: the rows
-    H sums): the float weight that best maps the stream's inputs to the float layer's outputs. Cholesky on the
+def target(w, C, H, samples: int, ridge: float = RIDGE):
+    """W' = (W C + l W)(H + l I)^-1 in w's dtype, l = ridge x inputs / samples x mean(diag H) (`samples`: the
+    input rows H sums): the float weight that best maps the stream's inputs to the float layer's outputs. Cholesky on the
     CPU (LAPACK, float32)."""
     import mlx.core as mx
     from scipy.linalg import cho_factor, cho_solve
 
     Hn = np.array(H, dtype=np.float32)
     d = Hn.shape[-1]
-    lam = ridge * d / max(1, rows) * float(np.mean(np.diagonal(Hn))) + 1e-12
+    lam = ridge * d / max(1, samples) * float(np.mean(np.diagonal(Hn))) + 1e-12
     Hn[np.arange(d), np.arange(d)] += lam
     fac = cho_factor(Hn, lower=False, overwrite_a=True, check_finite=False)
     rows = int(w.shape[0])

@@ -61,9 +61,7 @@ class ConvertOptions:
     heldout_samples: int = 16
     compare: str = "4:64"   # baselines measured beside the written model on held-out text ("none": only it)
     rounding: str = "gptq"
-    # the written layers' GPTQ against the quantized model's inputs, or "float"; "auto": the quantized model's
-    # where the sweeps fit in the memory available with them (preflight)
-    gptq_inputs: str = "auto"
+    gptq_inputs: str = "auto"   # GPTQ on the quantized model's inputs, "float", or "auto": quantized where it fits
     force: bool = False
     progress: bool = True
     dry_run: bool = False
@@ -178,8 +176,7 @@ def convert(opts: ConvertOptions) -> dict:
     pf.check_memory()
     prog.log(f"{len(pf.tensors)} tensors, feasible {pf.min_bpw:.3f}..{pf.max_bpw:.3f} bpw, about "
              f"{pf.peak / 2**30:.2f} GiB needed" + (", weights streamed block by block" if pf.stream_weights else "")
-             + (f", GPTQ on the float model's inputs (its own would need {pf.own_inputs_left / 2**30:.2f} GiB more)"
-                if pf.own_inputs_left else ""))
+             + (f", {pf.inputs_note()}" if pf.own_inputs_left else ""))
     prog.start("reading weights")
     _check_finite(lm)
     prog.end()

@@ -54,8 +54,20 @@ class Preflight:
     available: int | None = None
     stream_weights: bool = False
     distill_student: str | None = None   # how --distill's student runs (distill.STUDENTS), None without it
-    own_inputs: bool = False   # the written layers' GPTQ on the quantized model's own inputs (mixq.quant.asymmetric)
     own_inputs_left: int = 0   # --gptq-inputs auto took the float inputs: the bytes the own ones would have added
+
+    @property
+    def own_inputs(self) -> bool:
+        """The written layers' GPTQ on the quantized model's own inputs (mixq.quant.asymmetric): sized for it."""
+        return OWN_INPUTS in self.memory
+
+    def inputs_note(self) -> str:
+        """Which inputs GPTQ takes, for the dry run's text and the convert's first line ('' when plain)."""
+        if self.own_inputs:
+            return "GPTQ on the quantized model's own inputs"
+        if self.own_inputs_left:
+            return f"GPTQ on the float model's inputs (its own would need {_gb(self.own_inputs_left)} more)"
+        return ""
 
     @property
     def min_bpw(self) -> float:
@@ -259,7 +271,7 @@ def preflight(anatomy, candidates: list[Format], source_dtypes: dict, *, samples
         mem[RESIDENT] = stored
     return Preflight(tensors=tensors, fixed_bytes=fixed, params=params, stored_bytes=stored, min_bytes=lo,
                      max_bytes=hi, memory=mem, available=avail, stream_weights=streaming,
-                     distill_student=student, own_inputs=OWN_INPUTS in mem, own_inputs_left=left)
+                     distill_student=student, own_inputs_left=left)
 
 
 def _tuned_bytes(tensors: list, candidates) -> dict:
@@ -310,8 +322,6 @@ def format_preflight(pf: Preflight, target_bpw: float | None = None) -> str:
                  + ("" if pf.available is None else f"; available {_gb(pf.available)}")
                  + ("; weights streamed from disk block by block" if pf.stream_weights else "")
                  + (f"; --distill runs the {pf.distill_student} student" if pf.distill_student else "")
-                 + ("; GPTQ on the quantized model's own inputs" if pf.own_inputs else "")
-                 + (f"; GPTQ on the float model's inputs (its own would need {_gb(pf.own_inputs_left)} more)"
-                    if pf.own_inputs_left else ""))
+                 + (f"; {pf.inputs_note()}" if pf.inputs_note() else ""))
     return "\n".join(lines)
 
