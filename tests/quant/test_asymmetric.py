@@ -9,7 +9,7 @@ import pytest
 from mixq.core.anatomy import describe
 from mixq.core.formats import Format
 from mixq.core.modelio import load
-from mixq.quant.asymmetric import OwnInputs, call_groups, tapped, target
+from mixq.quant.asymmetric import OwnInputs, call_groups, feeding, tapped, target
 from mixq.quant.hessian import HessianMap
 from mixq.quant.plan import candidate_items, uniform_formats
 from mixq.quant.rounding import Rounding
@@ -57,6 +57,36 @@ def test_call_groups_follow_the_blocks_order_and_shared_inputs(fixture_models):
             if expect is not None:
                 assert [sorted(g) for g in names] == [sorted(g) for g in expect], (kind, i, names)
         assert not any(type(m).__name__ == "Tap" for _, m in lm.model.named_modules())
+
+
+def test_fed_inputs_replace_the_recomputed_ones(qwen3):
+    """A rounded block's last run takes its groups' inputs from the runs that fitted them: the same output as
+    a plain run, and what only the fed layers read is not used (so never computed)."""
+    lm = load(qwen3, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner()
+    x = r.embed(_tokens(n=2))
+    mods = sorted(t.module for t in a.tensors if t.layer == 0 and t.module_type == "Linear")
+    with r.resident(0):
+        groups = call_groups(r, 0, mods, x)
+        with tapped(r.model, [g[0] for g in groups]) as taps:
+            want = r.block(0, x)
+            mx.eval(want, [taps[g[0]].x for g in groups])
+            fed = {m: [taps[g[0]].x] for g in groups for m in g}
+        assert mx.allclose(feeding(r, 0, [x], fed)[0], want, rtol=1e-5, atol=1e-5).item()
+        q = next(m for m in mods if m.endswith("q_proj"))
+        o = next(m for m in mods if m.endswith("o_proj"))
+        stored = r.stored(r.layer_prefix(0))
+        # o_proj's input fed: q_proj's weight (which only o_proj's input reads) no longer matters
+        with r.swap(0, {f"{q}.weight": mx.zeros_like(stored[f"{q}.weight"])}):
+            assert mx.allclose(feeding(r, 0, [x], fed)[0], want, rtol=1e-5, atol=1e-5).item()
+            assert not mx.allclose(feeding(r, 0, [x], {})[0], want, rtol=1e-3, atol=1e-3).item()
+        # the fed value is what the layer takes: zeros into o_proj are o_proj's weight at zero
+        with r.swap(0, {f"{o}.weight": mx.zeros_like(stored[f"{o}.weight"])}):
+            zero_o = r.block(0, x)
+        got = feeding(r, 0, [x], {o: [mx.zeros_like(fed[o][0])]})[0]
+        assert mx.allclose(got, zero_o, rtol=1e-5, atol=1e-5).item()
+    assert not any(type(m).__name__ == "Tap" for _, m in lm.model.named_modules())
 
 
 def _inputs(r, module, tokens, upto: int, overrides: dict):

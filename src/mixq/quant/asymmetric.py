@@ -10,7 +10,9 @@ l = RIDGE x inputs / rows x mean(diag H~): as if RIDGE x inputs more rows, of th
 direction, asked W' to equal W. A regression overfits as inputs / rows grows, and a 9B's 15680-input down_proj
 gets about one row an input from 64 x 256 tokens, where the demo's widest layer gets 21.
 Within a block the layers are taken in the order they run (q/k/v, then o_proj; in_proj, then out_proj), each
-group's X~ from a run with the groups before it rounded ("true sequential").
+group's X~ from a run with the groups before it rounded ("true sequential"). A group's X~ depends on the groups
+before it only, so once taken it is passed in to the later groups' runs and the block's last run (`feeding`):
+each computes from the last group on (llama-135M shapes: the write 188.7 -> 135.2 s, the same output).
 
 Measured (benchmarks/gptq_inputs.py, the default convert, held-out KL against --gptq-inputs float): demo
 0.836 / 0.835x at 4.53 / 5.5 bpw, demo-moe 0.901 / 0.882x, llama-135M shapes (random weights) 0.865x at 4.5
@@ -25,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixq.core.forward import wrapped_modules
-from mixq.core.lanes import lane_iter
+from mixq.core.lanes import lane_iter, lane_map
 from mixq.quant.hessian import block_members
 from mixq.quant.qweight import round_weight
 
@@ -71,8 +73,11 @@ def _tap_class():
             super().__init__()
             self.inner, self._name, self._log = inner, name, log
             self.x = None
+            self.feed = None   # set: passed in for x (an earlier run's input here, the same values)
 
         def __call__(self, x, *args, **kwargs):
+            if self.feed is not None:
+                x = self.feed
             if self._log is not None:
                 self._log.append((self._name, x))
             self.x = x
@@ -90,9 +95,17 @@ def tapped(model, modules, log: list | None = None):
 def call_groups(runner, i: int, modules: list, x) -> list[list[str]]:
     """`modules` of block i in the order the block calls them, those fed one input in one group: the graph of
     one run on `x` is built, not computed."""
+    return _groups(_call_log(runner, i, modules, x), modules)
+
+
+def _call_log(runner, i: int, modules: list, x) -> list:
     log: list = []
     with tapped(runner.model, modules, log):
         runner.block(i, x)
+    return log
+
+
+def _groups(log: list, modules: list) -> list[list[str]]:
     groups, seen, last = [], set(), None
     for m, inp in log:
         if m in seen:
@@ -105,10 +118,15 @@ def call_groups(runner, i: int, modules: list, x) -> list[list[str]]:
     return groups + [[m] for m in modules if m not in seen]   # never called: a group each, last
 
 
-def block_groups(sweep, i: int, x) -> list[list[str]]:
-    """Block i's dense layers that GPTQ rounds (`sweep.gptq_paths`), grouped as `call_groups` (x: a batch)."""
+def block_groups(sweep, i: int, x) -> tuple[list[list[str]], bool]:
+    """Block i's dense layers that GPTQ rounds (`sweep.gptq_paths`), grouped as `call_groups` (x: a batch), and
+    whether each is called once a run (then an earlier run's inputs to a group can be fed to later runs)."""
     mods = sorted({m for m, experts in block_members(sweep.anatomy, i, sweep.gptq_paths).values() if experts is None})
-    return call_groups(sweep.runner, i, mods, x[:1]) if mods else []
+    if not mods:
+        return [], False
+    log = _call_log(sweep.runner, i, mods, x[:1])
+    names = [m for m, _ in log]
+    return _groups(log, mods), len(names) == len(set(names))
 
 
 def _rows(x):
@@ -131,20 +149,56 @@ def split(outs: list, groups: list) -> tuple[list, list]:
     return [o[0] for o in outs], [[o[1 + g] for o in outs] for g in range(len(groups))]
 
 
-def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, item_bytes: int = 0):
-    """(C = sum X X~^T, H~ = sum X~ X~^T, rows) over every batch: X the float block's input rows to `module`
-    (`xf`, batch for batch), X~ the stream's (block input `q_in`, with `over` swapped in). Float32 on the device."""
-    with tapped(runner.model, [module]) as taps:
+def pair_grams(runner, i: int, module: str, xf: list, q_in: list, over: dict, item_bytes: int = 0,
+               fed: dict | None = None, keep: bool = False):
+    """(C = sum X X~^T, H~ = sum X~ X~^T, rows, X~ batch for batch as the layer takes it) over every batch: X
+    the float block's input rows to `module` (`xf`, batch for batch), X~ the stream's (block input `q_in`, with
+    `over` swapped in). `fed`: module -> its inputs from an earlier run, batch for batch, passed in (`feeding`).
+    `keep`: X~ kept (else an empty list) and xf's batches let go of as they are used. Float32 on the device."""
+    fed = fed or {}
+    # swapped before the taps wrap the fed layers (the swap's paths are the unwrapped ones)
+    with runner.swap(i, over), tapped(runner.model, [module, *(m for m in fed if m != module)]) as taps:
         tap = taps[module]
 
         def pair(k):
-            with runner.swap(i, over):
-                runner.block(i, q_in[k])   # only what reaches the tap is computed (the graph is pruned)
-            return _pair(xf[k], _rows(tap.x))
+            _feed(taps, fed, k)
+            runner.block(i, q_in[k])   # only what reaches the tap is computed (the graph is pruned)
+            x, f = tap.x, xf[k]
+            if keep:
+                xf[k] = None
+            c, h, n = _pair(f, _rows(x))
+            return c, h, n, x
 
-        got = _sums(y for _, y in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes))
+        kept: list = []
+
+        def pairs():
+            for _, (c, h, n, x) in lane_iter(pair, list(range(len(q_in))), item_bytes=item_bytes):
+                if keep:
+                    kept.append(x)
+                yield c, h, n
+
+        C, H, n = _sums(pairs())
         tap.x = None
-    return got
+    return C, H, n, kept
+
+
+def _feed(taps: dict, fed: dict, k: int):
+    for m, xs in fed.items():
+        taps[m].feed = xs[k]
+
+
+def feeding(runner, i: int, q_in: list, fed: dict, item_bytes: int = 0) -> list:
+    """Block i's outputs on `q_in` with `fed`'s inputs (module -> per batch, from the stream's own runs: the same
+    values) passed in for the recomputed ones: what only the fed layers read is never computed again (the
+    rounded block's last run then costs its last group, not a forward). Inside `runner.swap`."""
+    if not fed:
+        return lane_map(lambda x: runner.block(i, x), q_in, item_bytes=item_bytes)
+    with tapped(runner.model, list(fed)) as taps:
+        def run(k):
+            _feed(taps, fed, k)
+            return runner.block(i, q_in[k])
+
+        return lane_map(run, list(range(len(q_in))), item_bytes=item_bytes)
 
 
 def _pair(xf, xq):
@@ -195,12 +249,15 @@ def target(w, C, H, samples: int, ridge: float = RIDGE):
 
 
 def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: dict,
-                item_bytes: int = 0) -> tuple[dict, float]:
+                item_bytes: int = 0, feed: bool = False) -> tuple[dict, float, dict]:
     """Stream `s`'s tensors of block i (path -> QuantizedWeight): the dense layers GPTQ rounds against the
     stream's own inputs, group by group in call order (`groups`, `block_groups`); the rest (routed experts,
     round-to-nearest formats) as usual, first. `fx`: per group, the float model's input rows batch for batch
-    (`capturing`); `q_in`: the stream's block inputs, the same batches. Returns them and the block forwards
-    spent (a group's run stops at it: counted whole)."""
+    (`capturing`); `q_in`: the stream's block inputs, the same batches. `feed`: each group's inputs, once
+    taken, are passed in to the later groups' runs instead of recomputed (a group's input depends on the
+    groups before it only, rounded by then), and `fx`'s batches are let go of as used (the last stream to read
+    them). Returns the tensors, the block forwards spent (a group's run stops at it: counted whole) and, with
+    `feed`, module -> its inputs batch for batch (for `feeding`)."""
     import mlx.core as mx
 
     r, rounding = sweep.runner, s.rounding
@@ -215,11 +272,15 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
     missing = set(by_module) - {m for g in groups for m in g}
     if missing:   # it would be neither rounded nor written
         raise ValueError(f"block {i}: {sorted(missing)} rounded by GPTQ but not in the block's call groups")
+    fed: dict = {}
     for group, xf in zip(groups, fx):
         mine = [m for m in group if m in by_module]
         if not mine:
             continue
-        C, H, n = pair_grams(r, i, group[0], xf, q_in, over, item_bytes)
+        C, H, n, xs = pair_grams(r, i, group[0], xf, q_in, over, item_bytes, fed, keep=feed)
+        if feed:
+            fed.update({m: xs for m in group})
+        del xs
         forwards += len(q_in)
         targets = {by_module[m]: target(stored[by_module[m]], C, H, n) for m in mine}
         del C   # GPTQ needs H~ (and makes its factor) only
@@ -230,7 +291,7 @@ def round_block(sweep, i: int, s, groups: list, fx: list, q_in: list, stored: di
         del targets, H
         rounding.hessians.own = {}
         mx.eval(list(over.values()))
-    return out, forwards
+    return out, forwards, fed
 
 
 def round_head(runner, s, fmt, f_final: list, q_final: list):

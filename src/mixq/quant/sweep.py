@@ -317,7 +317,7 @@ class ForwardSweep:
                 h_in, hx_in = h, hx
                 # streams fitting GPTQ to their own inputs: the float run keeps each group's input rows
                 own_here = float_run and any(s.own_inputs and starts[s.name] <= i for s in streams)
-                groups = asymmetric.block_groups(self, i, h_in[0]) if own_here else []
+                groups, once = asymmetric.block_groups(self, i, h_in[0]) if own_here else ([], False)
                 fx = []
                 if float_run:
                     with recording(r.model, members) as recs, \
@@ -336,12 +336,18 @@ class ForwardSweep:
                 stored = r.stored(r.layer_prefix(i), r.layers[i]) if active else {}
                 plain = [s for s in active if not s.own_inputs]
                 solved = self._solve_block(i, plain, stored) if plain else {}
+                # the last stream to read the float rows lets them go as its own inputs are kept for feeding
+                # (a tuned stream's final run is not fed: its tuning changes what the kept inputs came from)
+                last_own = next((s for s in reversed(active) if s.own_inputs), None)
                 for s in active:
                     if s.h is None and s.measure:
                         s.h = h_in
                         s.hx = hx_in if s.own_inputs else []
+                    fed = {}
                     if s.own_inputs:
-                        qs, spent = asymmetric.round_block(self, i, s, groups, fx, s.h + s.hx, stored, item)
+                        feed = once and s is last_own and s.tuner is None
+                        qs, spent, fed = asymmetric.round_block(self, i, s, groups, fx, s.h + s.hx, stored, item,
+                                                                feed=feed)
                         bf += spent
                     else:
                         qs = {p: q for p in self.by_layer.get(i, []) if (q := self._pick(s, p, solved)) is not None}
@@ -356,9 +362,14 @@ class ForwardSweep:
                     if not s.measure:
                         continue
                     with r.swap(i, over):
-                        s.h = lane_map(lambda x, i=i: r.block(i, x), s.h, item_bytes=item)
-                        if s.hx:
-                            s.hx = lane_map(lambda x, i=i: r.block(i, x), s.hx, item_bytes=item)
+                        if fed:
+                            both = asymmetric.feeding(r, i, s.h + s.hx, fed, item)
+                            s.h, s.hx = both[:len(s.h)], both[len(s.h):]
+                        else:
+                            s.h = lane_map(lambda x, i=i: r.block(i, x), s.h, item_bytes=item)
+                            if s.hx:
+                                s.hx = lane_map(lambda x, i=i: r.block(i, x), s.hx, item_bytes=item)
+                    del fed
                     bf += len(self.batches) + len(s.hx or [])
                 fx = None   # the float run's input rows: every stream has fitted this block
             block_seconds.append(time.perf_counter() - tb)
