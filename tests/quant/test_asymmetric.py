@@ -9,7 +9,7 @@ import pytest
 from mixq.core.anatomy import describe
 from mixq.core.formats import Format
 from mixq.core.modelio import load
-from mixq.quant.asymmetric import OwnInputs, call_groups, feeding, tapped, target
+from mixq.quant.asymmetric import OwnInputs, block_groups, call_groups, feeding, tapped, target
 from mixq.quant.hessian import HessianMap
 from mixq.quant.plan import candidate_items, uniform_formats
 from mixq.quant.rounding import Rounding
@@ -87,6 +87,23 @@ def test_fed_inputs_replace_the_recomputed_ones(qwen3):
         got = feeding(r, 0, [x], {o: [mx.zeros_like(fed[o][0])]})[0]
         assert mx.allclose(got, zero_o, rtol=1e-5, atol=1e-5).item()
     assert not any(type(m).__name__ == "Tap" for _, m in lm.model.named_modules())
+
+
+def test_inputs_are_fed_only_where_each_layer_runs_once(qwen3, monkeypatch):
+    """A layer called twice in a block run takes two inputs: its first run's kept input must not be fed to both."""
+    lm = load(qwen3, compute_dtype=None, lazy=True)
+    a = describe(lm.model, lm.config)
+    r = lm.runner()
+    paths = [t.path for t in candidate_items(a) if t.module_type == "Linear"]
+    sweep = ForwardSweep(r, a, _tokens(n=2), batch_size=2, gptq_paths=paths)
+    x = r.embed(_tokens(n=2))
+    with r.resident(0):
+        groups, once = block_groups(sweep, 0, x)
+        assert once and len(groups) == 4
+        block = r.block
+        monkeypatch.setattr(r, "block", lambda i, h: block(i, block(i, h)))   # every layer twice a run
+        again, once = block_groups(sweep, 0, x)
+        assert not once and again == groups
 
 
 def _inputs(r, module, tokens, upto: int, overrides: dict):

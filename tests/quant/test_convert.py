@@ -493,12 +493,12 @@ def test_a_convert_stopped_in_its_distillation_resumes_it(nemotron_moe, tmp_path
 def test_a_rival_the_estimates_rule_out_is_not_measured(converted, nemotron_moe, tmp_path, monkeypatch):
     """The uniform rival gets a stream unless its predicted KL is RIVAL_MARGIN times the plan's; then it is
     named with its prediction (the sum of its formats' costs), and the plan is written all the same."""
-    import mixq.quant.convert as conv
+    import mixq.quant.write_stage as stage
 
     sens = converted[0] / "mixq" / "sensitivity.json"
     runs = {}
     for margin in (float("inf"), 0.0):
-        monkeypatch.setattr(conv, "RIVAL_MARGIN", margin)
+        monkeypatch.setattr(stage, "RIVAL_MARGIN", margin)
         out = tmp_path / f"m{margin}"
         runs[margin] = out, convert(ConvertOptions(model=str(nemotron_moe), out=str(out), target_bpw=4.5,
                                                    sensitivity=str(sens), **SMALL))["refinement"]
