@@ -188,9 +188,10 @@ def _feed(taps: dict, fed: dict, k: int):
 
 
 def feeding(runner, i: int, q_in: list, fed: dict, item_bytes: int = 0) -> list:
-    """Block i's outputs on `q_in` with `fed`'s inputs (module -> per batch, from the stream's own runs: the same
-    values) passed in for the recomputed ones: what only the fed layers read is never computed again (the
-    rounded block's last run then costs its last group, not a forward). Inside `runner.swap`."""
+    """Block i's outputs on `q_in` (evaluated, `lane_map`) with `fed`'s inputs (module -> per batch, from the
+    stream's own runs: the same values; may be empty) passed in for the recomputed ones: what only the fed layers
+    read is never computed again (the rounded block's last run then costs its last group, not a forward). Inside
+    `runner.swap`."""
     if not fed:
         return lane_map(lambda x: runner.block(i, x), q_in, item_bytes=item_bytes)
     with tapped(runner.model, list(fed)) as taps:

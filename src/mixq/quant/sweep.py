@@ -361,15 +361,10 @@ class ForwardSweep:
                             over[p] = q.full(r.compute)
                     if not s.measure:
                         continue
-                    with r.swap(i, over):
-                        if fed:
-                            both = asymmetric.feeding(r, i, s.h + s.hx, fed, item)
-                            s.h, s.hx = both[:len(s.h)], both[len(s.h):]
-                        else:
-                            s.h = lane_map(lambda x, i=i: r.block(i, x), s.h, item_bytes=item)
-                            if s.hx:
-                                s.hx = lane_map(lambda x, i=i: r.block(i, x), s.hx, item_bytes=item)
-                    del fed
+                    with r.swap(i, over):   # the calibration and the Gram windows' states, one map
+                        both = asymmetric.feeding(r, i, s.h + s.hx, fed, item)
+                    s.h, s.hx = both[:len(s.h)], both[len(s.h):]
+                    del fed, both
                     bf += len(self.batches) + len(s.hx or [])
                 fx = None   # the float run's input rows: every stream has fitted this block
             block_seconds.append(time.perf_counter() - tb)
